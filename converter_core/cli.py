@@ -1,0 +1,173 @@
+"""The `convert` command: listings of hooks, plugins and backends, plus every plugin's commands.
+
+Exit codes: 0 ok, 1 a check failed, 2 bad input or usage, 3 an internal error (a bug: rerun with
+--debug for the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from converter_core import hookspecs
+from converter_core.console import stderr, stdout, verbosity
+from converter_core.errors import CheckFailed, ConverterError, InputError, PluginError
+from converter_core.plugins import (
+    PluginFailure,
+    PluginHost,
+    collect_backends,
+    get_plugin_manager,
+    hook_descriptions,
+    implementers,
+)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+BUILTIN_COMMANDS = ("hooks", "plugins", "backends")
+
+
+def _global_options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every stage and difference.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Turn PyTorch vision-language models into verified ONNX artifacts."""
+    verbosity.verbose, verbosity.quiet, verbosity.debug = verbose, quiet and not verbose, debug
+
+
+def _print(rows: Any, table: Table, as_json: bool) -> None:
+    if as_json:
+        stdout.print_json(json.dumps(rows))
+    else:
+        stdout.print(table)
+
+
+def _listing_commands(app: typer.Typer, host: PluginHost) -> None:
+    @app.command("hooks")
+    def list_hooks(as_json: JsonFlag = False) -> None:
+        """List every hook, what it is for, and which plugins implement it."""
+        rows = [
+            {
+                "name": name,
+                "description": description,
+                "firstresult": bool(getattr(hookspecs, name).vlm_converter_spec.get("firstresult")),
+                "implemented_by": implementers(host, name),
+            }
+            for name, description in hook_descriptions().items()
+        ]
+        table = Table("hook", "description", "implemented by")
+        for row in rows:
+            table.add_row(row["name"], row["description"], ", ".join(row["implemented_by"]) or "-")
+        _print(rows, table, as_json)
+
+    @app.command("plugins")
+    def list_plugins(as_json: JsonFlag = False) -> None:
+        """List installed plugins: distribution, version, entry point, hooks; and the ones that failed."""
+        rows = {
+            "plugins": [vars(p) for p in host.plugins],
+            "failed": [{k: v for k, v in vars(f).items() if k != "detail"} for f in host.failures],
+        }
+        table = Table("plugin", "distribution", "version", "entry point", "hooks")
+        for p in host.plugins:
+            table.add_row(p.name, p.distribution, p.version, p.entry_point, "\n".join(p.hooks))
+        for f in host.failures:
+            table.add_row(f.name, f.distribution, "-", f.entry_point, f"[red]not loaded: {f.error}[/red]")
+        _print(rows, table, as_json)
+
+    @app.command("backends")
+    def list_backends(as_json: JsonFlag = False) -> None:
+        """List backends, the plugin providing each, and whether it can run on this machine."""
+        rows = []
+        for name, (backend, plugin) in sorted(collect_backends(host).items()):
+            availability = backend.availability()
+            rows.append({
+                "name": name, "plugin": plugin, "description": backend.description,
+                "available": availability.available, "reason": availability.reason,
+            })
+        table = Table("backend", "plugin", "runs here", "why / on what")
+        for row in rows:
+            table.add_row(row["name"], row["plugin"], "yes" if row["available"] else "[red]no[/red]", row["reason"])
+        _print(rows, table, as_json)
+
+
+def _merge_plugin_commands(app: typer.Typer, host: PluginHost) -> None:
+    owners = {name: "converter_core" for name in BUILTIN_COMMANDS}
+    for impl in host.hook.converter_register_commands.get_hookimpls():
+        label = host.plugin_label(impl.plugin)
+        plugin_app = typer.Typer()
+        try:
+            impl.function(cli=plugin_app)
+        except Exception as exc:  # one plugin's broken command must not take the CLI down
+            host.failures.append(PluginFailure(
+                host.manager.get_name(impl.plugin) or label, label, "converter_register_commands",
+                f"adding its commands failed: {type(exc).__name__}: {exc}", traceback.format_exc(),
+            ))
+            continue
+        entries = [(info.name or info.callback.__name__.replace("_", "-"), info) for info in plugin_app.registered_commands]
+        entries += [(group.name or group.typer_instance.info.name, group) for group in plugin_app.registered_groups]
+        for name, entry in entries:
+            if name in owners:
+                raise PluginError(f"two plugins register the command {name!r}: {owners[name]} and {label}; uninstall one of them")
+            owners[name] = label
+            entry.name = name
+        app.registered_commands.extend(plugin_app.registered_commands)
+        app.registered_groups.extend(plugin_app.registered_groups)
+
+
+def build_app(host: PluginHost) -> typer.Typer:
+    app = typer.Typer(
+        name="convert",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode="rich",
+    )
+    app.callback()(_global_options)
+    _listing_commands(app, host)
+    _merge_plugin_commands(app, host)
+    return app
+
+
+def _fail(message: str, code: int) -> int:
+    stderr.print(f"[red]error:[/red] {message}", highlight=False)
+    if verbosity.debug:
+        stderr.print(traceback.format_exc(), highlight=False, markup=False)
+    return code
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code instead of exiting."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbosity.debug = "--debug" in argv
+    try:
+        host = get_plugin_manager()
+        app = build_app(host)
+        for failure in host.failures:
+            stderr.print(f"[yellow]warning:[/yellow] {failure.message()}", highlight=False)
+            if verbosity.debug and failure.detail:
+                stderr.print(failure.detail, highlight=False, markup=False)
+        # Standalone mode lets Typer handle usage errors (exit 2), --help and typer.Exit itself;
+        # it ends with SystemExit, and lets every other exception through to the handlers below.
+        typer.main.get_command(app).main(args=argv, prog_name="convert", standalone_mode=True)
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        stderr.print("interrupted")
+        return 130
+    except (InputError, PluginError) as exc:
+        return _fail(str(exc), 2)
+    except CheckFailed as exc:
+        return _fail(str(exc), 1)
+    except ConverterError as exc:
+        return _fail(str(exc), 1)
+    except Exception as exc:
+        return _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 3)
+
+
+def main() -> None:
+    sys.exit(run())

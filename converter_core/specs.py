@@ -1,0 +1,166 @@
+"""The plain typed values the pipeline stages hand each other.
+
+source model -> SplitPlan(ModuleSpec...) -> wrappers -> ExportedModule -> PassReport -> BackendArtifacts
+-> BackendValidation -> manifest. Each value is written once by one stage and only read downstream.
+Arrays are numpy so that everything after the wrapper stage can be read without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+Status = Literal["passed", "failed", "skipped"]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. A `str` entry in `shape` names a dynamic axis ("batch", "text")."""
+
+    name: str
+    dtype: str  # numpy dtype name: "float32", "int64"
+    shape: tuple[int | str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass
+class ShapeCase:
+    """Inputs for one validation run; `label` says which sizes it tries, e.g. "batch=1 text=5"."""
+
+    label: str
+    inputs: dict[str, np.ndarray]
+
+
+@dataclass
+class ModuleSpec:
+    """One graph to export: what a model plugin says about it, readable without knowing the model.
+
+    `example` is what the exporter traces with: every dynamic axis at size >= 2, since torch.export
+    specialises sizes 0 and 1. `cases` are the shape combinations validation tries (at least three,
+    sizes the export did not see among them).
+    """
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    example: ShapeCase
+    cases: list[ShapeCase]
+    atol: float = 1e-4
+    opset: int = 18
+    description: str = ""
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {
+            tensor.name: {i: dim for i, dim in enumerate(tensor.shape) if isinstance(dim, str)}
+            for tensor in (*self.inputs, *self.outputs)
+        }
+
+
+@dataclass
+class SourceInfo:
+    path: str | None
+    format: str
+    sha256: str | None
+
+
+@dataclass
+class SplitPlan:
+    """What a model plugin makes of a source model: the modules to export and why others are not.
+
+    `metadata` is JSON-ready and goes into the manifest as it is (a captioning model puts its
+    preprocessing, special tokens and generation defaults there). `assets` are extra files, by
+    relative path, that the output directory needs to be usable (tokenizer files).
+    """
+
+    model_type: str
+    source: SourceInfo
+    modules: list[ModuleSpec]
+    not_exported: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    assets: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class ExportedModule:
+    spec: ModuleSpec
+    path: Path
+
+
+@dataclass
+class OutputCheck:
+    """How one named output of one module compared with PyTorch over every case tried."""
+
+    name: str
+    max_abs_diff: float
+    max_rel_diff: float
+    shapes: list[list[int]]
+    passed: bool
+
+
+@dataclass
+class ModuleValidation:
+    status: Status
+    atol: float
+    cases: list[str]
+    outputs: dict[str, OutputCheck] = field(default_factory=dict)
+    reason: str | None = None
+
+
+@dataclass
+class Reference:
+    """PyTorch's answer for one case: the inputs and the outputs by name."""
+
+    case: ShapeCase
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass
+class ModuleReferences:
+    """PyTorch's answers for every validation case of one module, and the tolerance that applies."""
+
+    spec: ModuleSpec
+    atol: float
+    cases: list[Reference]
+
+
+@dataclass
+class PassReport:
+    """What one graph pass did to one module; `kept` False means the input graph was kept instead."""
+
+    pass_name: str
+    module: str
+    kept: bool
+    reason: str
+    before: dict[str, Any] = field(default_factory=dict)  # e.g. nodes, bytes, latency_ms
+    after: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Availability:
+    available: bool
+    reason: str  # why not, or what it will run on
+
+
+@dataclass
+class BackendArtifacts:
+    """What a backend wrote into the output directory, relative paths, and its configuration."""
+
+    backend: str
+    files: list[str]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BackendValidation:
+    """`skipped` always carries the reason; a check that did not run is never `passed`."""
+
+    status: Status
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,104 @@
+"""Comparing ONNX graphs with PyTorch on named outputs, case by case."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from converter_core.errors import CheckFailed
+from converter_core.export import torch_inputs
+from converter_core.specs import ModuleReferences, ModuleSpec, ModuleValidation, OutputCheck, Reference
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class ValidationFailed(CheckFailed):
+    """An output differs from PyTorch beyond tolerance, or has another shape."""
+
+    def __init__(self, module: str, output: str, case: str, detail: str) -> None:
+        self.module, self.output, self.case = module, output, case
+        super().__init__(f"{module}: output {output!r} at {case}: {detail}")
+
+
+class OutputMismatch(ValidationFailed):
+    pass
+
+
+class ShapeMismatch(ValidationFailed):
+    pass
+
+
+def torch_references(wrapper: torch.nn.Module, spec: ModuleSpec, atol: float) -> ModuleReferences:
+    references = []
+    with torch.no_grad():
+        for case in spec.cases:
+            result = wrapper.eval()(*torch_inputs(spec, case.inputs))
+            tensors = result if isinstance(result, (tuple, list)) else (result,)
+            if len(tensors) != len(spec.outputs):
+                raise CheckFailed(
+                    f"{spec.name}: the wrapper returned {len(tensors)} outputs, the spec names {len(spec.outputs)}"
+                )
+            outputs = {t.name: v.detach().numpy() for t, v in zip(spec.outputs, tensors)}
+            references.append(Reference(case, outputs))
+    return ModuleReferences(spec, atol, references)
+
+
+def ort_runner(path: Path, providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",),
+               options: ort.SessionOptions | None = None) -> Runner:
+    session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    names = [o.name for o in session.get_outputs()]
+
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, inputs)))
+
+    return run
+
+
+def compare(references: ModuleReferences, run: Runner) -> tuple[ModuleValidation, ValidationFailed | None]:
+    """Run every reference case and record, per output, the largest differences over all cases.
+
+    The relative difference is |a - b| / max(|b|, atol) so that values near zero do not make it
+    meaningless. The first failure is kept as `reason` and as the error `raise_if_failed` raises.
+    """
+    spec, atol = references.spec, references.atol
+    checks = {t.name: OutputCheck(t.name, 0.0, 0.0, [], True) for t in spec.outputs}
+    first_failure: ValidationFailed | None = None
+    for reference in references.cases:
+        actual = run(reference.case.inputs)
+        for name, expected in reference.outputs.items():
+            check = checks[name]
+            got = actual[name]
+            check.shapes.append(list(got.shape))
+            if got.shape != expected.shape:
+                check.passed = False
+                first_failure = first_failure or ShapeMismatch(
+                    spec.name, name, reference.case.label, f"shape {list(got.shape)}, PyTorch gives {list(expected.shape)}"
+                )
+                continue
+            diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
+            if diff.size == 0:
+                continue
+            max_abs = float(diff.max()) if np.isfinite(diff).all() else math.inf
+            max_rel = float((diff / np.maximum(np.abs(expected), atol)).max()) if max_abs < math.inf else math.inf
+            check.max_abs_diff = max(check.max_abs_diff, max_abs)
+            check.max_rel_diff = max(check.max_rel_diff, max_rel)
+            if not max_abs <= atol:
+                check.passed = False
+                first_failure = first_failure or OutputMismatch(
+                    spec.name, name, reference.case.label,
+                    f"max abs diff {max_abs:.3g} > tolerance {atol:g} (shape {list(got.shape)})",
+                )
+    validation = ModuleValidation(
+        status="failed" if first_failure else "passed",
+        atol=atol,
+        cases=[r.case.label for r in references.cases],
+        outputs=checks,
+        reason=str(first_failure) if first_failure else None,
+    )
+    return validation, first_failure
+

@@ -1,0 +1,112 @@
+"""The `cpu` backend: ONNX Runtime on the best CPU execution provider this install has.
+
+oneDNN is reached in two ways: the DNNL EP of a self-built onnxruntime, or the OpenVINO EP of the
+`onnxruntime-openvino` wheel (its CPU plugin runs on oneDNN). Both wheels ship the same `onnxruntime`
+package, so whichever was installed last is the one Python imports: we report the active distribution
+and the EP, never assume.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from converter_core.extension import Backend
+from converter_core.specs import Availability, BackendArtifacts, BackendValidation, ExportedModule, ModuleReferences
+from converter_core.validate import compare, ort_runner
+
+ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-openvino", "onnxruntime-gpu", "onnxruntime-training")
+PREFERRED_PROVIDERS = ("DnnlExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider")
+
+
+def active_onnxruntime_distribution() -> str:
+    """The installed distribution whose files are the `onnxruntime` package Python imports."""
+    imported = Path(ort.__file__).resolve().parent
+    for name in ONNXRUNTIME_DISTRIBUTIONS:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        init = next((f for f in dist.files or () if str(f).replace(os.sep, "/") == "onnxruntime/__init__.py"), None)
+        if init is not None and Path(dist.locate_file(init)).resolve().parent == imported:
+            return f"{name} {dist.version}"
+    return f"unknown distribution (onnxruntime {ort.__version__})"
+
+
+def cpu_provider() -> tuple[str, dict[str, str]]:
+    available = ort.get_available_providers()
+    for provider in PREFERRED_PROVIDERS:
+        if provider in available:
+            return provider, ({"device_type": "CPU"} if provider == "OpenVINOExecutionProvider" else {})
+    return "CPUExecutionProvider", {}
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    # EXTENDED, not ALL: the saved graph must stay portable across CPUs (ALL adds layout
+    # transformations for the instruction set of the machine that saved it).
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.intra_op_num_threads = threads or 0
+    return options
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    description = "ONNX Runtime on CPU: oneDNN (DNNL or OpenVINO EP) where installed, else the default CPU EP"
+
+    def availability(self) -> Availability:
+        provider, _ = cpu_provider()
+        note = "" if provider != "CPUExecutionProvider" else " (no oneDNN EP in this onnxruntime)"
+        return Availability(True, f"{provider} from {active_onnxruntime_distribution()}{note}")
+
+    def prepare(self, modules: list[ExportedModule], out_dir: Path, options: dict[str, Any]) -> BackendArtifacts:
+        provider, provider_options = cpu_provider()
+        target = out_dir / "cpu"
+        target.mkdir(exist_ok=True)
+        files = []
+        for module in modules:
+            optimized = target / module.path.name
+            session = session_options(options.get("threads"))
+            session.optimized_model_filepath = str(optimized)
+            # Optimising with the default CPU EP keeps the saved graph loadable by every CPU EP.
+            ort.InferenceSession(str(module.path), sess_options=session, providers=["CPUExecutionProvider"])
+            files.append(str(optimized.relative_to(out_dir)))
+        config = {
+            "provider": provider,
+            "provider_options": provider_options,
+            "onnxruntime": active_onnxruntime_distribution(),
+            "graph_optimization_level": "ORT_ENABLE_EXTENDED",
+            "intra_op_num_threads": options.get("threads") or 0,
+            "models": {m.spec.name: str((target / m.path.name).relative_to(out_dir)) for m in modules},
+        }
+        (target / "session.json").write_text(json.dumps(config, indent=2) + "\n")
+        files.append("cpu/session.json")
+        return BackendArtifacts(self.name, files, config)
+
+    def validate(
+        self, artifacts: BackendArtifacts, out_dir: Path, references: dict[str, ModuleReferences]
+    ) -> BackendValidation:
+        provider = artifacts.config["provider"]
+        providers = [(provider, artifacts.config["provider_options"])]
+        if provider != "CPUExecutionProvider":
+            providers.append(("CPUExecutionProvider", {}))
+        details: dict[str, Any] = {"provider": provider, "modules": {}}
+        failures = []
+        for module, relative in artifacts.config["models"].items():
+            run = ort_runner(out_dir / relative, providers, session_options(artifacts.config["intra_op_num_threads"]))
+            validation, failure = compare(references[module], run)
+            details["modules"][module] = {
+                "status": validation.status,
+                "max_abs_diff": max((c.max_abs_diff for c in validation.outputs.values()), default=0.0),
+                "atol": validation.atol,
+            }
+            if failure:
+                failures.append(str(failure))
+        if failures:
+            return BackendValidation("failed", "; ".join(failures), details)
+        return BackendValidation("passed", f"every module matches PyTorch on {provider}", details)

@@ -1,0 +1,14 @@
+"""Entry point of the built-in backends."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from converter_core import hookimpl
+from converter_core.extension import Backend
+from plugins.backends.cpu import CpuBackend
+
+
+@hookimpl
+def converter_register_backends(register: Callable[[Backend], None]) -> None:
+    register(CpuBackend())

@@ -1,0 +1,213 @@
+"""A third-party plugin as an outside author would write it: a two-module toy model that is not BLIP.
+
+The tests install it as a real distribution (a dist-info with an entry point in the `vlm_converter`
+group) in a temporary directory; this repository's pyproject does not know it. It implements every
+hook: the split, the wrappers, an exporter of its own for one module (a hand-built ONNX graph), a
+pass, a backend and a command.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import onnx
+import torch
+import typer
+from onnx import TensorProto, helper, numpy_helper
+
+from converter_core import hookimpl
+from converter_core.cli_options import Atol, Backends, OutputDir, Passes, RequireValidation, Validate, convert_options
+from converter_core.extension import Backend, GraphPass
+from converter_core.specs import (
+    Availability,
+    BackendArtifacts,
+    BackendValidation,
+    ExportedModule,
+    ModuleReferences,
+    ModuleSpec,
+    PassReport,
+    ShapeCase,
+    SourceInfo,
+    SplitPlan,
+    TensorSpec,
+)
+
+HIDDEN = 8
+CLASSES = 3
+
+
+class ToyModel(torch.nn.Module):
+    """An 'encoder' over token features and a 'head' that pools and classifies."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = torch.nn.Sequential(
+            torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.GELU(), torch.nn.LayerNorm(HIDDEN)
+        )
+        self.head = torch.nn.Linear(HIDDEN, CLASSES)
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self, model: ToyModel) -> None:
+        super().__init__()
+        self.encoder = model.encoder
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.encoder(features)
+
+
+class Head(torch.nn.Module):
+    def __init__(self, model: ToyModel) -> None:
+        super().__init__()
+        self.head = model.head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden.mean(dim=1))
+
+
+def _case(batch: int, tokens: int, seed: int, name: str) -> ShapeCase:
+    rng = np.random.default_rng(seed)
+    return ShapeCase(f"batch={batch} tokens={tokens}", {name: rng.standard_normal((batch, tokens, HIDDEN)).astype(np.float32)})
+
+
+def _spec(name: str, input_name: str, outputs: tuple[TensorSpec, ...]) -> ModuleSpec:
+    return ModuleSpec(
+        name=name,
+        inputs=(TensorSpec(input_name, "float32", ("batch", "tokens", HIDDEN)),),
+        outputs=outputs,
+        example=_case(2, 3, 0, input_name),
+        cases=[_case(1, 1, 1, input_name), _case(3, 5, 2, input_name), _case(2, 7, 3, input_name)],
+        atol=1e-5,
+    )
+
+
+@hookimpl
+def converter_split_model(source: object) -> SplitPlan | None:
+    if not isinstance(source, ToyModel):
+        return None
+    return SplitPlan(
+        model_type="toy",
+        source=SourceInfo(None, "random", None),
+        modules=[
+            _spec("encoder", "features", (TensorSpec("hidden", "float32", ("batch", "tokens", HIDDEN)),)),
+            _spec("head", "hidden", (TensorSpec("logits", "float32", ("batch", CLASSES)),)),
+        ],
+        not_exported={"decoder": "the toy model has no decoder"},
+        metadata={"toy": {"classes": CLASSES}},
+        assets={"labels.txt": b"zero\none\ntwo\n"},
+    )
+
+
+@hookimpl
+def converter_wrap_module(source: object, spec: ModuleSpec) -> torch.nn.Module | None:
+    if not isinstance(source, ToyModel):
+        return None
+    return {"encoder": Encoder, "head": Head}[spec.name](source)
+
+
+@hookimpl
+def converter_export_module(wrapper: torch.nn.Module, spec: ModuleSpec, path: Path) -> bool | None:
+    """The head is small enough to write by hand: ReduceMean, MatMul, Add."""
+    if not isinstance(wrapper, Head):
+        return None
+    weight = wrapper.head.weight.detach().numpy().T.copy()
+    bias = wrapper.head.bias.detach().numpy().copy()
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["hidden", "axes"], ["pooled"], keepdims=0),
+            helper.make_node("MatMul", ["pooled", "weight"], ["projected"]),
+            helper.make_node("Add", ["projected", "bias"], ["logits"]),
+        ],
+        "toy_head",
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "tokens", HIDDEN])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
+        [
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+            numpy_helper.from_array(weight, "weight"),
+            numpy_helper.from_array(bias, "bias"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return True
+
+
+class ScaleWeights(GraphPass):
+    """Multiplies every float initializer by a factor: harmless at 1.0, ruinous otherwise. Its gate
+    compares the rewritten graph with PyTorch and keeps it only within the module's tolerance."""
+
+    description = "scale float weights (a test pass with an accuracy gate)"
+
+    def __init__(self, name: str, factor: float) -> None:
+        self.name = name
+        self.factor = factor
+
+    def apply(self, source: Path, target: Path, references: ModuleReferences) -> PassReport:
+        from converter_core.validate import compare, ort_runner
+
+        model = onnx.load(str(source))
+        for initializer in model.graph.initializer:
+            if initializer.data_type == TensorProto.FLOAT:
+                array = numpy_helper.to_array(initializer) * np.float32(self.factor)
+                initializer.CopyFrom(numpy_helper.from_array(array.astype(np.float32), initializer.name))
+        onnx.save(model, str(target))
+        validation, failure = compare(references, ort_runner(target))
+        worst = max(check.max_abs_diff for check in validation.outputs.values())
+        return PassReport(
+            self.name, references.spec.name, kept=failure is None,
+            reason="within tolerance" if failure is None else f"gate failed: {failure}",
+            details={"max_abs_diff": worst},
+        )
+
+
+@hookimpl
+def converter_register_passes(register: Callable[[GraphPass], None]) -> None:
+    register(ScaleWeights("toy-identity", 1.0))
+    register(ScaleWeights("toy-ruin", 1.5))
+
+
+class ToyRemoteBackend(Backend):
+    name = "toy-remote"
+    description = "a remote accelerator this machine does not have"
+
+    def availability(self) -> Availability:
+        return Availability(False, "no toy accelerator is attached to this machine")
+
+    def prepare(self, modules: list[ExportedModule], out_dir: Path, options: dict[str, Any]) -> BackendArtifacts:
+        config = {"modules": [m.spec.name for m in modules]}
+        (out_dir / "toy-remote.json").write_text(json.dumps(config))
+        return BackendArtifacts(self.name, ["toy-remote.json"], config)
+
+    def validate(self, artifacts: BackendArtifacts, out_dir: Path, references: dict[str, ModuleReferences]) -> BackendValidation:
+        return BackendValidation("skipped", self.availability().reason)
+
+
+@hookimpl
+def converter_register_backends(register: Callable[[Backend], None]) -> None:
+    register(ToyRemoteBackend())
+
+
+@hookimpl
+def converter_register_commands(cli: typer.Typer) -> None:
+    @cli.command("toy")
+    def convert_toy(
+        output: OutputDir,
+        backend: Backends = None,
+        passes: Passes = None,
+        atol: Atol = None,
+        validate: Validate = True,
+        require_validation: RequireValidation = False,
+        seed: Annotated[int, typer.Option(help="Seed of the random toy weights.")] = 0,
+    ) -> None:
+        """Convert the two-module toy model (a third-party example)."""
+        from converter_core.console import finish, stage_progress
+        from converter_core.pipeline import convert
+
+        options = convert_options(output, backend, passes, atol, validate, require_validation)
+        with stage_progress() as on_stage:
+            result = convert(ToyModel(seed), options, on_stage=on_stage)
+        finish(result)
