@@ -53,6 +53,9 @@ class ModuleSpec:
     atol: float = 1e-4
     opset: int = 18
     description: str = ""
+    # (min, opt, max) per dynamic axis name: the sizes the model is meant to serve. Backends that
+    # compile for a shape range (TensorRT optimisation profiles) read it.
+    axis_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
