@@ -7,12 +7,17 @@ from typing import Annotated, Any
 
 import typer
 
+from converter_core.errors import InputError
 from converter_core.pipeline import ConvertOptions, parse_pass_policy
 
 OutputDir = Annotated[Path, typer.Option("--output", "-o", help="Output directory, replaced atomically.")]
 Backends = Annotated[
     list[str] | None,
     typer.Option("--backend", "-b", help="Backend to prepare and validate (repeatable); see `convert backends`."),
+]
+BackendOptions = Annotated[
+    list[str] | None,
+    typer.Option("--backend-option", help="KEY=VALUE for the backends (repeatable), e.g. precision=fp16."),
 ]
 Passes = Annotated[
     str | None,
@@ -25,6 +30,22 @@ RequireValidation = Annotated[
 ]
 
 
+def parse_backend_options(items: list[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` strings to a dict; values that read as int or float become numbers."""
+    options: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"bad --backend-option {item!r}: expected KEY=VALUE")
+        for kind in (int, float):
+            try:
+                options[key.strip()] = kind(value)
+                break
+            except ValueError:
+                options[key.strip()] = value.strip()
+    return options
+
+
 def convert_options(
     output: Path,
     backends: list[str] | None,
@@ -32,7 +53,7 @@ def convert_options(
     atol: float | None,
     validate: bool,
     require_validation: bool,
-    backend_options: dict[str, Any] | None = None,
+    backend_options: list[str] | None = None,
 ) -> ConvertOptions:
     return ConvertOptions(
         output_dir=output,
@@ -41,5 +62,5 @@ def convert_options(
         validate=validate,
         atol=atol,
         require_validation=require_validation,
-        backend_options=backend_options or {},
+        backend_options=parse_backend_options(backend_options),
     )

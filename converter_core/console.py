@@ -54,14 +54,15 @@ def print_summary(result: ConversionResult) -> None:
     if verbosity.quiet:
         return
     table = Table(title=f"{result.plan.model_type} -> {result.output_dir}")
-    for column in ("module", "file", "MB", "max abs diff", "atol", "validation", "passes"):
+    table.add_column("module", no_wrap=True)
+    for column in ("MB", "max abs diff", "atol", "validation", "passes"):
         table.add_column(column)
     for name, record in result.modules.items():
         size = (result.output_dir / record.file).stat().st_size / 1e6
         worst = max((check.max_abs_diff for check in record.validation.outputs.values()), default=None)
         kept = [r.pass_name for r in record.passes if r.kept]
         table.add_row(
-            name, record.file, f"{size:.1f}", "-" if worst is None else f"{worst:.2e}",
+            name, f"{size:.1f}", "-" if worst is None else f"{worst:.2e}",
             f"{record.validation.atol:g}", _status_cell(record.validation.status), ", ".join(kept) or "-",
         )
     stdout.print(table)
