@@ -21,7 +21,7 @@ BackendOptions = Annotated[
 ]
 Passes = Annotated[
     str | None,
-    typer.Option("--passes", help="Graph passes: PASS for every module, or MODULE=PASS[+PASS],..."),
+    typer.Option("--passes", "--quantize", help="Graph passes: PASS for every module, or MODULE=PASS[+PASS],..."),
 ]
 Atol = Annotated[float | None, typer.Option("--atol", help="Absolute tolerance vs PyTorch (default: per module, 1e-4).")]
 Validate = Annotated[bool, typer.Option("--validate/--no-validate", help="Compare every graph with PyTorch.")]

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import numpy as np
 
 Status = Literal["passed", "failed", "skipped"]
+Metric = Literal["cosine", "max_abs", "argmax_agreement"]
+HIGHER_IS_BETTER = {"cosine": True, "argmax_agreement": True, "max_abs": False}
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,24 @@ class TensorSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Gate:
+    """`metric` of output `output` against PyTorch must reach `threshold`.
+
+    cosine: the smallest cosine similarity between a row of PyTorch's output and the same row of
+    the graph's (a row is one sample, or one token's vector where the output is a sequence), >=.
+    argmax_agreement: the fraction of positions whose argmax over the last axis agrees, >=.
+    max_abs: the largest absolute difference, <=.
+    """
+
+    output: str
+    metric: Metric
+    threshold: float
+
+    def holds(self, value: float) -> bool:
+        return value >= self.threshold if HIGHER_IS_BETTER[self.metric] else value <= self.threshold
 
 
 @dataclass
@@ -56,6 +76,8 @@ class ModuleSpec:
     # (min, opt, max) per dynamic axis name: the sizes the model is meant to serve. Backends that
     # compile for a shape range (TensorRT optimisation profiles) read it.
     axis_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # What a rewritten graph (quantised, fp16) must keep; see converter_core.gates.
+    gates: tuple[Gate, ...] = ()
 
     @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:

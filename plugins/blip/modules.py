@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from transformers import BlipConfig
 
-from converter_core.specs import ModuleSpec, ShapeCase, TensorSpec
+from converter_core.specs import Gate, ModuleSpec, ShapeCase, TensorSpec
 from plugins.blip import wrappers
 from plugins.blip.source import BlipSource
 
@@ -28,6 +28,21 @@ DECODER_PAST_CASES = (
     {"batch": 3, "new": 1, "past": 7},
     {"batch": 2, "new": 3, "past": 2},
 )
+
+
+# What a rewritten (quantised, fp16) graph must keep, per module. The bar for the vision
+# encoder is an image-embedding cosine of 0.999; ITM is a probability, so an absolute bound.
+GATES = {
+    VISION_ENCODER: (Gate("image_embeds", "cosine", 0.999),),
+    RETRIEVAL_VISION_ENCODER: (Gate("image_embeds", "cosine", 0.999),),
+    TEXT_ENCODER: (
+        Gate("itm_probability", "max_abs", 0.01),
+        Gate("text_features", "cosine", 0.99),
+        Gate("image_features", "cosine", 0.99),
+    ),
+    TEXT_DECODER: (Gate("logits", "cosine", 0.99), Gate("logits", "argmax_agreement", 0.9)),
+    TEXT_DECODER_WITH_PAST: (Gate("logits", "cosine", 0.99), Gate("logits", "argmax_agreement", 0.9)),
+}
 
 
 @dataclass
@@ -68,6 +83,7 @@ def _spec(name: str, wrapper: torch.nn.Module, example: dict[str, torch.Tensor],
         cases=cases,
         description=description,
         axis_ranges={axis: limits for axis, limits in axis_ranges.items() if axis in named_axes},
+        gates=GATES[name],
     )
 
 
