@@ -78,6 +78,9 @@ class ModuleSpec:
     axis_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     # What a rewritten graph (quantised, fp16) must keep; see converter_core.gates.
     gates: tuple[Gate, ...] = ()
+    # Realistic inputs for static quantisation (made from real images and texts by the model
+    # plugin); empty when the source offers none.
+    calibration: list[ShapeCase] = field(default_factory=list)
 
     @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
