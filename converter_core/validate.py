@@ -48,15 +48,20 @@ def torch_references(wrapper: torch.nn.Module, spec: ModuleSpec, atol: float) ->
     return ModuleReferences(spec, atol, references)
 
 
-def ort_runner(path: Path, providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",),
-               options: ort.SessionOptions | None = None) -> Runner:
-    session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
-    names = [o.name for o in session.get_outputs()]
+class OrtRunner:
+    """An ONNX Runtime session called with a feed dict; `providers` are the ones it really got."""
 
-    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(names, inputs)))
+    def __init__(self, path: Path, providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",),
+                 options: ort.SessionOptions | None = None) -> None:
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        self.providers: list[str] = self.session.get_providers()
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
-    return run
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
+
+
+ort_runner = OrtRunner
 
 
 def compare(references: ModuleReferences, run: Runner) -> tuple[ModuleValidation, ValidationFailed | None]:

@@ -99,8 +99,12 @@ class CpuBackend(Backend):
         failures = []
         for module, relative in artifacts.config["models"].items():
             run = ort_runner(out_dir / relative, providers, session_options(artifacts.config["intra_op_num_threads"]))
+            if run.providers[0] != provider:
+                # ORT falls back to the CPU EP silently when an EP cannot be created.
+                failures.append(f"{module}: session runs on {run.providers}, not on {provider}")
             validation, failure = compare(references[module], run)
             details["modules"][module] = {
+                "providers": run.providers,
                 "status": validation.status,
                 "max_abs_diff": max((c.max_abs_diff for c in validation.outputs.values()), default=0.0),
                 "atol": validation.atol,
