@@ -46,11 +46,16 @@ def cpu_provider() -> tuple[str, dict[str, str]]:
     return "CPUExecutionProvider", {}
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
-    options = ort.SessionOptions()
+def optimization_level(provider: str) -> str:
     # EXTENDED, not ALL: the saved graph must stay portable across CPUs (ALL adds layout
-    # transformations for the instruction set of the machine that saved it).
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    # transformations for the instruction set of the machine that saved it). EXTENDED fuses into
+    # ORT's own contrib ops, which only the default CPU EP runs: for oneDNN EPs keep to BASIC.
+    return "ORT_ENABLE_EXTENDED" if provider == "CPUExecutionProvider" else "ORT_ENABLE_BASIC"
+
+
+def session_options(threads: int | None, level: str = "ORT_ENABLE_EXTENDED") -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     options.intra_op_num_threads = threads or 0
     return options
 
@@ -71,7 +76,7 @@ class CpuBackend(Backend):
         files = []
         for module in modules:
             optimized = target / module.path.name
-            session = session_options(options.get("threads"))
+            session = session_options(options.get("threads"), optimization_level(provider))
             session.optimized_model_filepath = str(optimized)
             # Optimising with the default CPU EP keeps the saved graph loadable by every CPU EP.
             ort.InferenceSession(str(module.path), sess_options=session, providers=["CPUExecutionProvider"])
@@ -80,7 +85,7 @@ class CpuBackend(Backend):
             "provider": provider,
             "provider_options": provider_options,
             "onnxruntime": active_onnxruntime_distribution(),
-            "graph_optimization_level": "ORT_ENABLE_EXTENDED",
+            "graph_optimization_level": optimization_level(provider),
             "intra_op_num_threads": options.get("threads") or 0,
             "models": {m.spec.name: str((target / m.path.name).relative_to(out_dir)) for m in modules},
         }
@@ -98,7 +103,9 @@ class CpuBackend(Backend):
         details: dict[str, Any] = {"provider": provider, "modules": {}}
         failures = []
         for module, relative in artifacts.config["models"].items():
-            run = ort_runner(out_dir / relative, providers, session_options(artifacts.config["intra_op_num_threads"]))
+            config = artifacts.config
+            run = ort_runner(out_dir / relative, providers,
+                             session_options(config["intra_op_num_threads"], config["graph_optimization_level"]))
             if run.providers[0] != provider:
                 # ORT falls back to the CPU EP silently when an EP cannot be created.
                 failures.append(f"{module}: session runs on {run.providers}, not on {provider}")
