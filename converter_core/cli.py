@@ -12,6 +12,7 @@ import traceback
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from converter_core import hookspecs
@@ -133,7 +134,7 @@ def build_app(host: PluginHost) -> typer.Typer:
 
 
 def _fail(message: str, code: int) -> int:
-    stderr.print(f"[red]error:[/red] {message}", highlight=False)
+    stderr.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     if verbosity.debug:
         stderr.print(traceback.format_exc(), highlight=False, markup=False)
     return code
@@ -147,7 +148,7 @@ def run(argv: list[str] | None = None) -> int:
         host = get_plugin_manager()
         app = build_app(host)
         for failure in host.failures:
-            stderr.print(f"[yellow]warning:[/yellow] {failure.message()}", highlight=False)
+            stderr.print(f"[yellow]warning:[/yellow] {escape(failure.message())}", highlight=False)
             if verbosity.debug and failure.detail:
                 stderr.print(failure.detail, highlight=False, markup=False)
         # Standalone mode lets Typer handle usage errors (exit 2), --help and typer.Exit itself;

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from converter_core.pipeline import ConversionResult
@@ -67,9 +68,9 @@ def print_summary(result: ConversionResult) -> None:
         )
     stdout.print(table)
     for name, reason in result.plan.not_exported.items():
-        stdout.print(f"not exported: {name}: {reason}")
+        stdout.print(f"not exported: {name}: {escape(reason)}")
     for name, record in result.backends.items():
-        stdout.print(f"backend {name}: {_status_cell(record.validation.status)} - {record.validation.reason}")
+        stdout.print(f"backend {name}: {_status_cell(record.validation.status)} - {escape(record.validation.reason)}")
     if verbosity.verbose:
         for name, record in result.modules.items():
             for check in record.validation.outputs.values():
@@ -80,5 +81,5 @@ def finish(result: ConversionResult) -> None:
     """Print the summary and the failures, then leave with 0 (all passed) or 1 (a check failed)."""
     print_summary(result)
     for failure in result.failures:
-        stderr.print(f"[red]check failed:[/red] {failure}", highlight=False)
+        stderr.print(f"[red]check failed:[/red] {escape(str(failure))}", highlight=False)
     raise typer.Exit(result.exit_code)

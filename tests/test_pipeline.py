@@ -178,7 +178,7 @@ def test_a_directory_the_tool_did_not_write_is_never_replaced(toy, tmp_path: Pat
 def test_bad_names_are_input_errors(toy, tmp_path: Path):
     result = run_cli("toy", "-o", str(tmp_path / "out"), "--backend", "warp-drive")
     assert result.returncode == 2
-    assert "unknown backend 'warp-drive'; available: cpu, toy-remote" in " ".join(result.stderr.split())
+    assert "unknown backend 'warp-drive'; available: cpu, mobile, tensorrt, toy-remote" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
     with pytest.raises(InputError, match="names unknown modules"):

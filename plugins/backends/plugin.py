@@ -7,8 +7,12 @@ from collections.abc import Callable
 from converter_core import hookimpl
 from converter_core.extension import Backend
 from plugins.backends.cpu import CpuBackend
+from plugins.backends.mobile import MobileBackend
+from plugins.backends.tensorrt import TensorrtBackend
 
 
 @hookimpl
 def converter_register_backends(register: Callable[[Backend], None]) -> None:
     register(CpuBackend())
+    register(TensorrtBackend())
+    register(MobileBackend())

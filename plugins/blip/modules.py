@@ -92,11 +92,14 @@ def module_specs(conversion: BlipConversion, wrapper_for) -> tuple[list[ModuleSp
     source = conversion.source
     config: BlipConfig = (source.captioning or source.retrieval).config
     size = source.image_size
+    tokens = wrappers.image_token_count(config.vision_config, size)
     ranges = {
         "batch": (1, 1, conversion.max_batch),
         "text": (1, 8, conversion.max_text_len),
         "new": (1, 1, conversion.max_text_len),
         "past": (1, conversion.max_text_len // 2, conversion.max_text_len),
+        # Fixed by the image size; the graphs keep the axis symbolic, so a profile still needs it.
+        "image_tokens": (tokens, tokens, tokens),
     }
     specs: list[ModuleSpec] = []
     not_exported = dict(source.absent)

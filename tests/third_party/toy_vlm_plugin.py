@@ -20,7 +20,16 @@ import typer
 from onnx import TensorProto, helper, numpy_helper
 
 from converter_core import hookimpl
-from converter_core.cli_options import Atol, Backends, OutputDir, Passes, RequireValidation, Validate, convert_options
+from converter_core.cli_options import (
+    Atol,
+    BackendOptions,
+    Backends,
+    OutputDir,
+    Passes,
+    RequireValidation,
+    Validate,
+    convert_options,
+)
 from converter_core.extension import Backend, GraphPass
 from converter_core.specs import (
     Availability,
@@ -198,6 +207,7 @@ def converter_register_commands(cli: typer.Typer) -> None:
     def convert_toy(
         output: OutputDir,
         backend: Backends = None,
+        backend_option: BackendOptions = None,
         passes: Passes = None,
         atol: Atol = None,
         validate: Validate = True,
@@ -208,7 +218,7 @@ def converter_register_commands(cli: typer.Typer) -> None:
         from converter_core.console import finish, stage_progress
         from converter_core.pipeline import convert
 
-        options = convert_options(output, backend, passes, atol, validate, require_validation)
+        options = convert_options(output, backend, passes, atol, validate, require_validation, backend_option)
         with stage_progress() as on_stage:
             result = convert(ToyModel(seed), options, on_stage=on_stage)
         finish(result)
