@@ -8,13 +8,17 @@ import logging
 import warnings
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
-import torch
-from torch.export import Dim
 
 from converter_core.errors import ConverterError
 from converter_core.specs import ModuleSpec
+
+if TYPE_CHECKING:  # torch is imported where it is used: `convert --help` should not pay for it
+    import torch
+    from torch.export import Dim
 
 
 class ExportError(ConverterError):
@@ -22,6 +26,8 @@ class ExportError(ConverterError):
 
 
 def _dynamic_shapes(spec: ModuleSpec) -> tuple[dict[int, Dim], ...]:
+    from torch.export import Dim
+
     # One Dim object per axis name, shared by every input that has the axis, so torch.export knows
     # that e.g. the batch of `input_ids` and `image_embeds` is the same symbol.
     dims: dict[str, Dim] = {}
@@ -36,10 +42,14 @@ def _dynamic_shapes(spec: ModuleSpec) -> tuple[dict[int, Dim], ...]:
 
 
 def torch_inputs(spec: ModuleSpec, arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+    import torch
+
     return tuple(torch.from_numpy(np.ascontiguousarray(arrays[t.name])) for t in spec.inputs)
 
 
 def export_with_torch(wrapper: torch.nn.Module, spec: ModuleSpec, path: Path) -> None:
+    import torch
+
     for tensor in spec.inputs:
         for axis, size in zip(tensor.shape, spec.example.inputs[tensor.name].shape):
             if isinstance(axis, str) and size < 2:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from converter_core.errors import CheckFailed
 from converter_core.export import torch_inputs
 from converter_core.specs import ModuleReferences, ModuleSpec, ModuleValidation, OutputCheck, Reference
+
+if TYPE_CHECKING:
+    import torch
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -34,6 +37,8 @@ class ShapeMismatch(ValidationFailed):
 
 
 def torch_references(wrapper: torch.nn.Module, spec: ModuleSpec, atol: float) -> ModuleReferences:
+    import torch
+
     references = []
     with torch.no_grad():
         for case in spec.cases:
