@@ -155,6 +155,10 @@ def load_source(checkpoints: list[Path], random_weights: bool, preset: str, imag
 
 @hookimpl
 def converter_register_commands(cli: typer.Typer) -> None:
+    from plugins.blip.commands import register_runtime_commands  # caption, match: the torch-free runtime
+
+    register_runtime_commands(cli)
+
     @cli.command("blip")
     def convert_blip(
         output: OutputDir,

@@ -1,0 +1,73 @@
+"""`convert caption` and `convert match`: the torch-free runtime on a `convert blip` output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+OutDir = Annotated[Path, typer.Argument(metavar="OUT", help="A `convert blip` output directory.", show_default=False)]
+Tokenizer = Annotated[Path | None, typer.Option(
+    help="Tokenizer directory (vocab.txt or tokenizer.json), when the output ships none.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def register_runtime_commands(cli: typer.Typer) -> None:
+    @cli.command("caption")
+    def caption(
+        output: OutDir,
+        images: Annotated[list[Path], typer.Argument(metavar="IMAGE", help="Image files, captioned as one batch.", show_default=False)],
+        beams: Annotated[int, typer.Option(help="Beam width; 1 is greedy. BLIP's COCO setting: 3.")] = 1,
+        max_tokens: Annotated[int, typer.Option(help="Most tokens to write after the prompt.")] = 20,
+        min_tokens: Annotated[int, typer.Option(help="Fewest tokens to write after the prompt.")] = 0,
+        repetition_penalty: Annotated[float, typer.Option(help="Above 1 discourages repeated tokens.")] = 1.0,
+        prompt: Annotated[str | None, typer.Option(
+            help="Text the caption continues (default: the manifest's, \"a picture of \"); '' for none.")] = None,
+        tokenizer: Tokenizer = None,
+        as_json: JsonFlag = False,
+    ) -> None:
+        """Caption images with the exported vision encoder and decoder (onnxruntime, no torch)."""
+        from converter_core.console import stdout
+        from plugins.blip.runtime import BlipRuntime, load_image
+
+        runtime = BlipRuntime(output, tokenizer_dir=tokenizer)
+        pictures = [load_image(path) for path in images]
+        captions = runtime.caption(pictures, beams=beams, max_tokens=max_tokens, min_tokens=min_tokens,
+                                   repetition_penalty=repetition_penalty, prompt=prompt)
+        if as_json:
+            rows = [{"image": str(path), "caption": c.text, "token_ids": c.token_ids, "score": c.score}
+                    for path, c in zip(images, captions)]
+            stdout.print_json(json.dumps(rows))
+            return
+        for path, c in zip(images, captions):
+            text = c.text if c.text is not None else f"(no tokenizer) token ids {c.token_ids}"
+            stdout.print(f"{path}: {text}", highlight=False, markup=False)
+
+    @cli.command("match")
+    def match(
+        output: OutDir,
+        image: Annotated[Path, typer.Argument(metavar="IMAGE", help="One image file.", show_default=False)],
+        texts: Annotated[list[str], typer.Argument(metavar="TEXT", help="Texts to score against the image.", show_default=False)],
+        tokenizer: Tokenizer = None,
+        as_json: JsonFlag = False,
+    ) -> None:
+        """Score texts against an image: ITM probability and ITC similarity (onnxruntime, no torch)."""
+        from rich.table import Table
+        from rich.text import Text
+
+        from converter_core.console import stdout
+        from plugins.blip.runtime import BlipRuntime, load_image
+
+        runtime = BlipRuntime(output, tokenizer_dir=tokenizer)
+        matches = runtime.match(load_image(image), texts)
+        if as_json:
+            rows = [{"text": m.text, "itm_probability": m.itm_probability, "itc_similarity": m.itc_similarity}
+                    for m in matches]
+            stdout.print_json(json.dumps({"image": str(image), "matches": rows}))
+            return
+        table = Table("text", "ITM probability", "ITC similarity", title=Text(str(image)))
+        for m in matches:
+            table.add_row(Text(m.text), f"{m.itm_probability:.4f}", f"{m.itc_similarity:.4f}")
+        stdout.print(table)

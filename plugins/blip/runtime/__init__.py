@@ -1,0 +1,16 @@
+"""BLIP without torch: caption images and score image-text pairs with a `convert blip` output.
+
+Needs onnxruntime, numpy, Pillow and tokenizers only; importing it never imports torch or
+transformers (a test runs it where they cannot be imported).
+
+    from plugins.blip.runtime import BlipRuntime
+    runtime = BlipRuntime("blip-onnx")
+    runtime.caption(["cat.jpg"], beams=3)[0].text
+    runtime.match("cat.jpg", ["a cat", "a dog"])
+"""
+
+from plugins.blip.runtime.decoding import DecodingOptions
+from plugins.blip.runtime.preprocess import load_image
+from plugins.blip.runtime.runtime import BlipRuntime, Caption, Match
+
+__all__ = ["BlipRuntime", "Caption", "DecodingOptions", "Match", "load_image"]
