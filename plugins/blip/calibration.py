@@ -1,0 +1,105 @@
+"""Calibration inputs for static quantisation (`ModuleSpec.calibration`), made from real images and captions.
+
+Static INT8 fixes each activation's range ahead of time; ranges measured on random validation
+inputs need not fit real images. These cases carry what each BLIP graph sees in use: preprocessed
+images for the vision encoders, caption tokens with the image embeddings the vision encoder gives
+for the text graphs, and, for the decoder with a cache, the cache its first step leaves.
+
+`tokenize` turns a caption into token ids without special tokens (bert-base-uncased's tokenizer
+for real checkpoints); this module adds BLIP's own ([DEC], [CLS], [SEP]) from `BlipSource.tokens`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from converter_core.specs import ShapeCase
+from plugins.blip import wrappers
+from plugins.blip.modules import (
+    RETRIEVAL_VISION_ENCODER,
+    TEXT_DECODER,
+    TEXT_DECODER_WITH_PAST,
+    TEXT_ENCODER,
+    VISION_ENCODER,
+)
+from plugins.blip.plugin import IMAGE_MEAN, IMAGE_STD
+from plugins.blip.source import BlipSource
+
+
+def pixel_values(images: Sequence[Image.Image], image_size: int) -> np.ndarray:
+    """BLIP's preprocessing (the manifest's `preprocessing`): RGB, bicubic resize, 1/255, CLIP mean and std."""
+    arrays = [
+        np.asarray(image.convert("RGB").resize((image_size, image_size), Image.BICUBIC), dtype=np.float32) / 255
+        for image in images
+    ]
+    pixels = (np.stack(arrays) - np.array(IMAGE_MEAN, np.float32)) / np.array(IMAGE_STD, np.float32)
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+
+
+def _token_rows(captions: Sequence[str], tokenize: Callable[[str], list[int]], first: int, sep: int,
+                pad: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """`first` + caption + [SEP] per caption, right-padded to the longest; and the attention mask."""
+    rows = [[first, *tokenize(caption)[: max_len - 2], sep] for caption in captions]
+    width = max(len(row) for row in rows)
+    ids = np.full((len(rows), width), pad, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def calibration_cases(
+    source: BlipSource,
+    images: Sequence[Image.Image],
+    captions: Sequence[str],
+    tokenize: Callable[[str], list[int]],
+    modules: Sequence[str],
+    batch: int = 4,
+    max_text_len: int = 40,
+) -> dict[str, list[ShapeCase]]:
+    """Calibration cases per module name in `modules`, `batch` images (with their captions) per case.
+
+    `captions[i]` describes `images[i]`. The text graphs' image embeddings come from running the
+    vision encoder in PyTorch on the same images.
+    """
+    if len(images) != len(captions) or not images:
+        raise ValueError(f"need one caption per image, got {len(images)} images and {len(captions)} captions")
+    tokens = source.tokens
+    cases: dict[str, list[ShapeCase]] = {name: [] for name in modules}
+    for start in range(0, len(images), batch):
+        label = f"images {start}..{min(start + batch, len(images)) - 1}"
+        pixels = pixel_values(images[start : start + batch], source.image_size)
+        texts = captions[start : start + batch]
+        for name, model in ((VISION_ENCODER, source.captioning or source.retrieval),
+                            (RETRIEVAL_VISION_ENCODER, source.retrieval)):
+            if name in cases and model is not None:
+                cases[name].append(ShapeCase(label, {"pixel_values": pixels}))
+        with torch.no_grad():
+            if TEXT_ENCODER in cases and source.retrieval is not None:
+                embeds = wrappers.VisionEncoder(source.retrieval.vision_model)(torch.from_numpy(pixels)).numpy()
+                ids, mask = _token_rows(texts, tokenize, tokens["CLS"], tokens["SEP"], tokens["PAD"], max_text_len)
+                inputs = {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds}
+                cases[TEXT_ENCODER].append(ShapeCase(label, inputs))
+            if source.captioning is None or not {TEXT_DECODER, TEXT_DECODER_WITH_PAST} & cases.keys():
+                continue
+            embeds = wrappers.VisionEncoder(source.captioning.vision_model)(torch.from_numpy(pixels)).numpy()
+            # The decoder graphs take no padding mask: every row is cut to the shortest caption.
+            ids, mask = _token_rows(texts, tokenize, tokens["DEC"], tokens["SEP"], tokens["PAD"], max_text_len)
+            ids = ids[:, : int(mask.sum(1).min())]
+            if TEXT_DECODER in cases:
+                cases[TEXT_DECODER].append(ShapeCase(label, {"input_ids": ids, "image_embeds": embeds}))
+            if TEXT_DECODER_WITH_PAST in cases and ids.shape[1] >= 2:
+                first = wrappers.DecoderFirstStep(source.captioning)
+                outputs = first(torch.from_numpy(ids[:, :-1]), torch.from_numpy(embeds))
+                layers = first.num_layers
+                named = dict(zip(wrappers.decoder_first_output_names(layers), outputs))
+                past = {f"past.{i}.self_{kv}": named[f"present.{i}.self_{kv}"].numpy()
+                        for i in range(layers) for kv in ("key", "value")}
+                cross = {name: named[name].numpy() for name in wrappers.decoder_cross_names(layers)}
+                cases[TEXT_DECODER_WITH_PAST].append(ShapeCase(label, {"input_ids": ids[:, -1:], **past, **cross}))
+    return cases

@@ -1,0 +1,76 @@
+"""`int8-dynamic` and `int8-dynamic-per-channel`: INT8 weights, activations quantised at run time.
+
+What it needs: an fp32 graph; no calibration data. What it produces: MatMul, Gemm, Conv and
+(fused) Attention nodes with constant weights as MatMulInteger / ConvInteger / QAttention (weights
+stored as int8, one scale per tensor or per output channel); activations are quantised per run
+from their actual range, so nothing is calibrated and nothing can be calibrated wrong. Attention's
+activation-by-activation MatMuls, LayerNorm and Softmax stay float. When the module's gates fail,
+the most sensitive nodes are left float (`plugins.quant.search`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx
+
+from converter_core.specs import ModuleReferences
+from plugins.quant.gated import GatedPass
+from plugins.quant.measure import LatencyConfig
+from plugins.quant.search import SearchConfig
+
+QUANT_TYPES = {"int8": "QInt8", "uint8": "QUInt8"}
+
+
+@dataclass(frozen=True)
+class Int8DynamicConfig:
+    per_channel: bool = False
+    # Conv is the vision encoder's patch embedding: one more int8 weight, the fp32 size ratio drops.
+    # Attention is the fused op of the `fusion` pass (its qkv projection becomes int8: QAttention).
+    op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv", "Attention")
+    weight_type: Literal["int8", "uint8"] = "int8"
+    reduce_range: bool = False  # 7-bit weights, for CPUs without VNNI whose int8 kernels can saturate
+    search: SearchConfig = field(default_factory=SearchConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+
+
+def constant_names(model: onnx.ModelProto) -> set[str]:
+    return {t.name for t in model.graph.initializer} | {
+        out for node in model.graph.node if node.op_type == "Constant" for out in node.output
+    }
+
+
+class Int8DynamicPass(GatedPass):
+    description = ("INT8 dynamic quantisation of weights (MatMul, Gemm, Conv, Attention), gated, with a search "
+                   "for nodes to keep float")
+
+    def __init__(self, name: str = "int8-dynamic", config: Int8DynamicConfig = Int8DynamicConfig()) -> None:
+        self.name = name
+        self.config = config
+        self.latency, self.search = config.latency, config.search
+        if config.per_channel:
+            self.description = self.description.replace("of weights", "of weights, one scale per output channel")
+
+    def candidates(self, model: onnx.ModelProto) -> list[str]:
+        constants = constant_names(model)
+        return [
+            node.name for node in model.graph.node
+            if node.op_type in self.config.op_types and len(node.input) > 1 and node.input[1] in constants
+        ]
+
+    def rewrite(self, source: Path, target: Path, references: ModuleReferences, exclude: Sequence[str]) -> dict[str, Any]:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(
+            source, target,
+            op_types_to_quantize=list(self.config.op_types),
+            per_channel=self.config.per_channel,
+            reduce_range=self.config.reduce_range,
+            weight_type=getattr(QuantType, QUANT_TYPES[self.config.weight_type]),
+            nodes_to_exclude=list(exclude),
+            extra_options={"MatMulConstBOnly": True},
+        )
+        return {"format": "QOperator (MatMulInteger, ConvInteger, QAttention)"}
