@@ -76,6 +76,16 @@ def load_blip_source(paths: Sequence[Path], *, image_size: int | None = None) ->
     return _combine(loaded, target_size)
 
 
+def to_salesforce_state_dict(*models: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The state dict of transformers BLIP models under the original Salesforce names (what
+    `load_blip_source` reads from a `.pth`): a captioning and a retrieval model sharing one vision
+    model give a pretrain-style file with all modules. Detached copies; no training state."""
+    state: dict[str, torch.Tensor] = {}
+    for model in models:
+        state.update({_to_original(key): tensor.detach().clone() for key, tensor in model.state_dict().items()})
+    return state
+
+
 @dataclass
 class _Checkpoint:
     """One file read: its tensors under transformers names, and the config that fits them."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -52,6 +52,8 @@ class BlipConversion:
     source: BlipSource
     max_batch: int = 8
     max_text_len: int = 40
+    # Inputs made from real images and captions, per module, for static quantisation.
+    calibration: dict[str, list[ShapeCase]] = field(default_factory=dict)
 
 
 def _numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -111,7 +113,9 @@ def module_specs(conversion: BlipConversion, wrapper_for) -> tuple[list[ModuleSp
             _case(sizes, make_inputs(config, **sizes, image_size=size, seed=seed))
             for seed, sizes in enumerate((*case_sizes,), start=1)
         ]
-        specs.append(_spec(name, wrapper, example, cases, description, ranges))
+        spec = _spec(name, wrapper, example, cases, description, ranges)
+        spec.calibration = conversion.calibration.get(name, [])
+        specs.append(spec)
 
     vision = f"pixel_values [batch, 3, {size}, {size}] -> image_embeds (ViT last hidden state)"
     add(VISION_ENCODER, wrappers.vision_inputs, {"batch": 2}, VISION_CASES, vision)

@@ -1,0 +1,181 @@
+"""BLIP conversion: loading a source, wrapping its modules, and what the manifest says about it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from converter_core.errors import InputError
+from converter_core.specs import ShapeCase, SourceInfo, SplitPlan
+from plugins.blip import wrappers
+from plugins.blip.modules import (
+    RETRIEVAL_VISION_ENCODER,
+    TEXT_DECODER,
+    TEXT_DECODER_WITH_PAST,
+    TEXT_ENCODER,
+    VISION_ENCODER,
+    BlipConversion,
+    module_specs,
+)
+from plugins.blip.source import BlipSource
+
+# Original BLIP preprocessing and generation (shared/BLIP.md): bicubic resize, no crop, CLIP's statistics.
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+PROMPT = "a picture of "
+BERT_PROMPT_IDS = (1037, 3861, 1997)  # "a picture of" in bert-base-uncased, after [DEC]
+BERT_VOCAB_SIZE = 30524
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def wrapper(source: BlipSource, name: str) -> torch.nn.Module:
+    tokens = source.tokens
+    if name == VISION_ENCODER:
+        model = source.captioning or source.retrieval
+        return wrappers.VisionEncoder(model.vision_model)
+    if name == RETRIEVAL_VISION_ENCODER:
+        return wrappers.VisionEncoder(source.retrieval.vision_model)
+    if name == TEXT_ENCODER:
+        return wrappers.TextEncoder(source.retrieval, tokens["ENC"], tokens["CLS"])
+    if name == TEXT_DECODER:
+        return wrappers.DecoderFirstStep(source.captioning)
+    if name == TEXT_DECODER_WITH_PAST:
+        return wrappers.DecoderWithPast(source.captioning)
+    raise KeyError(name)
+
+
+def _tokenizer_assets(source: BlipSource) -> dict[str, bytes]:
+    if source.tokenizer_dir is None:
+        return {}
+    return {
+        f"tokenizer/{name}": (source.tokenizer_dir / name).read_bytes()
+        for name in TOKENIZER_FILES
+        if (source.tokenizer_dir / name).is_file()
+    }
+
+
+def _prompt_ids(vocab: Path, dec_id: int) -> list[int] | None:
+    """The prompt in a word-piece vocabulary of the model's own (the bundled tiny BLIP's): tokenized
+    as BLIP does, [CLS] replaced by [DEC] and the trailing [SEP] dropped. None if a word is missing."""
+    from tokenizers import BertWordPieceTokenizer
+
+    tokenizer = BertWordPieceTokenizer(str(vocab), lowercase=True)
+    ids = tokenizer.encode(PROMPT.strip()).ids
+    if tokenizer.token_to_id("[UNK]") in ids:
+        return None
+    return [dec_id, *ids[1:-1]]
+
+
+def _metadata(source: BlipSource, assets: dict[str, bytes]) -> dict[str, Any]:
+    config = (source.captioning or source.retrieval).config
+    vocab_size = config.text_config.vocab_size
+    prompt_ids = None
+    if vocab_size == BERT_VOCAB_SIZE:
+        prompt_ids = [source.tokens["DEC"], *BERT_PROMPT_IDS]
+    elif source.tokenizer_dir is not None and (source.tokenizer_dir / "vocab.txt").is_file():
+        prompt_ids = _prompt_ids(source.tokenizer_dir / "vocab.txt", source.tokens["DEC"])
+    return {
+        "preprocessing": {
+            "image_size": source.image_size,
+            "resize": "bicubic",
+            "crop": None,
+            "rescale": 1 / 255,
+            "mean": list(IMAGE_MEAN),
+            "std": list(IMAGE_STD),
+            "channel_order": "RGB",
+            "layout": "NCHW",
+        },
+        "tokens": dict(source.tokens),
+        "vocab_size": vocab_size,
+        "tokenizer": (
+            {"files": sorted(assets)} if assets else
+            {"files": [], "reason": "the source has no tokenizer files; give --tokenizer DIR (bert-base-uncased "
+                                    "plus [DEC] and [ENC]) to ship one"}
+        ),
+        "generation": {
+            "prompt": PROMPT,
+            "prompt_ids": prompt_ids,
+            "eos_token_id": source.tokens["SEP"],
+            "max_position_embeddings": config.text_config.max_position_embeddings,
+            "num_layers": config.text_config.num_hidden_layers,
+            "defaults": {"num_beams": 3, "max_length": 30, "min_length": 10, "repetition_penalty": 1.0},
+            "coco_evaluation": {"num_beams": 3, "max_length": 20, "min_length": 5},
+        },
+        "checkpoint_files": [
+            {"path": str(f.path), "format": f.format, "sha256": f.sha256, "parts": list(f.parts)} for f in source.files
+        ],
+        "dropped_training_state": len(source.dropped_keys),
+    }
+
+
+def split(conversion: BlipConversion) -> SplitPlan:
+    blip = conversion.source
+    specs, not_exported = module_specs(conversion, lambda name: wrapper(blip, name))
+    assets = _tokenizer_assets(blip)
+    return SplitPlan(
+        model_type="blip",
+        source=SourceInfo(str(blip.path) if blip.path else None, blip.format, blip.sha256),
+        modules=specs,
+        not_exported=not_exported,
+        metadata=_metadata(blip, assets),
+        assets=assets,
+    )
+
+
+def load_source(checkpoints: list[Path], random_weights: bool, preset: str, image_size: int | None,
+                seed: int, tokenizer: Path | None) -> BlipSource:
+    from plugins.blip.checkpoint import load_blip_source
+    from plugins.blip.presets import random_source
+
+    if checkpoints and random_weights:
+        raise InputError("give --checkpoint or --random-weights, not both")
+    if random_weights:
+        source = random_source(preset, seed=seed, image_size=image_size)
+    elif checkpoints:
+        source = load_blip_source(checkpoints, image_size=image_size)
+    else:  # the bundled tiny BLIP, trained on drawn scenes, with its own tokenizer
+        from plugins.blip import fixture
+
+        source = load_blip_source([fixture.checkpoint_path()], image_size=image_size)
+        source.tokenizer_dir = fixture.tokenizer_dir()
+    if tokenizer is not None:
+        if not tokenizer.is_dir() or not any((tokenizer / name).is_file() for name in TOKENIZER_FILES):
+            raise InputError(f"{tokenizer}: not a tokenizer directory (expected vocab.txt or tokenizer.json)")
+        source.tokenizer_dir = tokenizer
+    return source
+
+
+CALIBRATION_IMAGES = 32
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def calibration_set(source: BlipSource, images_dir: Path | None) -> dict[str, list[ShapeCase]]:
+    """Static-quantisation inputs per module from real images: `images_dir`, else the bundled
+    fixture's drawn scenes. The text comes from the fixture's captions either way (a folder of
+    images has none); without a tokenizer only the vision encoders get calibration data."""
+    from plugins.blip import fixture
+    from plugins.blip.calibration import calibration_cases
+    from plugins.blip.runtime.preprocess import load_image
+    from plugins.blip.runtime.tokenizer import BlipTokenizer
+
+    scenes = [fixture.training_scene(0, index) for index in range(CALIBRATION_IMAGES)]
+    if images_dir is None:
+        images = [fixture.draw(scene) for scene in scenes]
+    else:
+        if not images_dir.is_dir():
+            raise InputError(f"{images_dir}: --calibration-images needs a directory of images")
+        files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise InputError(f"{images_dir}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        images = [load_image(path) for path in files[:CALIBRATION_IMAGES]]
+    captions = [scene.caption for scene in scenes][: len(images)]
+    modules = [VISION_ENCODER, RETRIEVAL_VISION_ENCODER]
+    tokenize = lambda text: []  # noqa: E731 - unused unless a text module is calibrated
+    if source.tokenizer_dir is not None:
+        config = (source.captioning or source.retrieval).config.text_config
+        tokenizer = BlipTokenizer.from_directory(source.tokenizer_dir, source.tokens, config.max_position_embeddings)
+        tokenize = lambda text: tokenizer.encode(text)[1:-1]  # noqa: E731 - without [CLS] and [SEP]
+        modules += [TEXT_ENCODER, TEXT_DECODER, TEXT_DECODER_WITH_PAST]
+    return calibration_cases(source, images, captions, tokenize, modules)
