@@ -447,13 +447,10 @@ def test_base_size_greedy_parity(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def fixture_or_skip():
-    try:
-        from plugins.blip import fixture
-    except ImportError:
-        pytest.skip("plugins.blip.fixture is not there")
-    if not fixture.checkpoint_path().is_file():
-        pytest.skip(f"the fixture checkpoint {fixture.checkpoint_path()} is not there")
+def shipped_fixture():
+    from plugins.blip import fixture
+
+    assert fixture.checkpoint_path().is_file(), "the bundled fixture checkpoint is missing"
     return fixture
 
 
@@ -463,7 +460,7 @@ HELDOUT = 30
 @pytest.fixture(scope="module")
 def fixture_model(tmp_path_factory):
     """The bundled tiny BLIP, converted once with its tokenizer."""
-    fixture = fixture_or_skip()
+    fixture = shipped_fixture()
     from plugins.blip.checkpoint import load_blip_source
 
     source = load_blip_source([fixture.checkpoint_path()])
@@ -489,8 +486,7 @@ def test_fixture_heldout_captions_are_the_tokens_of_generate(fixture_model, beam
 
 def test_fixture_heldout_itm_probabilities(fixture_model):
     model, images, fixture = fixture_model
-    if model.source.retrieval is None:
-        pytest.skip("the fixture checkpoint has no text encoder")
+    assert model.source.retrieval is not None, "the fixture checkpoint has no text encoder"
     runtime = BlipRuntime(model.out, threads=1)
     retrieval = model.source.retrieval
     worst = 0.0
