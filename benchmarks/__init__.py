@@ -1,0 +1,1 @@
+"""Benchmarks of the BLIP conversion: `python -m benchmarks [--quick]` (see `benchmarks.__main__`)."""
