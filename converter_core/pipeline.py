@@ -5,7 +5,6 @@ It runs whatever the plugins provide and knows nothing of any model family.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from converter_core.errors import CheckFailed, InputError, PluginError
 from converter_core.export import export_with_torch
 from converter_core.extension import Backend, GraphPass
 from converter_core.manifest import write_manifest
-from converter_core.output import check_target, staged_directory
+from converter_core.output import check_target, sha256_file, staged_directory
 from converter_core.plugins import PluginHost, collect_backends, collect_passes, get_plugin_manager
 from converter_core.specs import (
     Availability,
@@ -92,14 +91,6 @@ def parse_pass_policy(text: str) -> tuple[PassRequest, ...]:
         for name in filter(None, names.split("+")):
             requests.append(PassRequest(name.strip(), (module.strip(),) if module else None))
     return tuple(requests)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _select(registered: dict[str, tuple[Any, str]], wanted: list[str], kind: str) -> dict[str, tuple[Any, str]]:

@@ -35,7 +35,7 @@ import onnxruntime as ort
 
 from converter_core.errors import InputError
 from converter_core.extension import Backend
-from converter_core.pipeline import sha256_file
+from converter_core.output import sha256_file
 from converter_core.specs import (
     Availability,
     BackendArtifacts,

@@ -8,7 +8,6 @@ loaded strictly: a missing or unexpected key is an error naming the key, never a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -21,6 +20,7 @@ from safetensors.torch import load_file as load_safetensors
 from torch.nn import functional as F
 from transformers import BlipConfig, PreTrainedModel
 
+from converter_core.output import sha256_file
 from converter_core.errors import InputError
 from plugins.blip.presets import BlipDims, HEAD_DIM, check_image_size, empty_models, special_tokens
 from plugins.blip.source import BlipSource, CheckpointFile
@@ -154,7 +154,7 @@ def _read_hf_dir(path: Path) -> _Checkpoint:
         path=path,
         file=weights,
         format="hf-dir",
-        sha256=_sha256(weights),
+        sha256=sha256_file(weights),
         state=state,
         config=config,
         parts=_parts(state, weights),
@@ -179,7 +179,7 @@ def _from_original(path: Path, format: str, state: dict[str, torch.Tensor]) -> _
         path=path,
         file=path,
         format=format,
-        sha256=_sha256(path),
+        sha256=sha256_file(path),
         state=state,
         config=dims.config(),
         parts=parts,
@@ -445,14 +445,6 @@ def _combine(loaded: list[_Loaded], image_size: int) -> BlipSource:
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     ours, theirs = a.state_dict(), b.state_dict()
     return ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _names(names: Iterable[str]) -> str:

@@ -7,7 +7,6 @@ graph's sha256 is checked against the manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from converter_core.errors import InputError
-from converter_core.output import MANIFEST_NAME
+from converter_core.output import MANIFEST_NAME, sha256_file
 from plugins.blip.runtime.decoding import CachedDecoder, DecodingOptions, decode
 from plugins.blip.runtime.preprocess import Preprocessor, load_image
 from plugins.blip.runtime.tokenizer import BlipTokenizer
@@ -52,14 +51,6 @@ class Match:
     text: str
     itm_probability: float
     itc_similarity: float
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_blip_manifest(out_dir: Path) -> dict[str, Any]:
@@ -115,7 +106,7 @@ class BlipRuntime:
                 raise InputError(f"{self.out_dir}: has no {module} ({reason})")
             entry = self.manifest["modules"][module]
             path = self.out_dir / entry["file"]
-            if _sha256(path) != entry["sha256"]:
+            if sha256_file(path) != entry["sha256"]:
                 raise InputError(f"{path}: its sha256 differs from the manifest's; the file changed after "
                                  "conversion: convert the model again")
             options = ort.SessionOptions()
