@@ -89,8 +89,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mode = QUICK if args.quick else FULL
     started = time.perf_counter()
 
+    load_samples: list[dict[str, Any]] = []  # other processes' load shows here; the table cites it
+
     def progress(message: str) -> None:
-        print(f"[{time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
+        elapsed = time.perf_counter() - started
+        load_samples.append({"seconds": round(elapsed), "load_1min": (machine.load_average() or [None])[0],
+                             "stage": message[:60]})
+        print(f"[{elapsed:6.0f} s, load {load_samples[-1]['load_1min']}] {message}", file=sys.stderr, flush=True)
 
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"mode": mode.name, "command": args.command,
@@ -168,6 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     results["targets"] = targets.judge(results)
     results["machine"]["load_average_at_end"] = machine.load_average()
+    results["machine"]["load_during_run"] = load_samples
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     return results
 

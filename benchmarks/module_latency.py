@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -22,8 +21,8 @@ import torch
 from benchmarks.conversions import FP32, Variant
 from benchmarks.flops import FlopCount, FlopCountError, count_flops
 from benchmarks.latency import Timing, TimingConfig, time_in_turns
-from benchmarks.peak import ort_session
 from benchmarks.op_profile import op_time
+from benchmarks.peak import ort_session
 from plugins.blip import wrappers
 from plugins.blip.modules import TEXT_DECODER, TEXT_DECODER_WITH_PAST, TEXT_ENCODER, VISION_ENCODER
 from plugins.blip.source import BlipSource
@@ -43,28 +42,24 @@ class Cell:
     image_size: int
     make_inputs: Callable[..., dict[str, torch.Tensor]]
     make_wrapper: Callable[[BlipSource], torch.nn.Module]
-    config: Callable[[BlipSource], Any]
     sizes: dict[str, int] = field(default_factory=dict)
     profile: tuple[str, ...] = ()  # variants whose op-time breakdown to record (benchmarks.op_profile)
 
 
 def vision_cell(image_size: int, profile: tuple[str, ...] = ()) -> Cell:
     return Cell(VISION_ENCODER, f"vision encoder {image_size}px", image_size, wrappers.vision_inputs,
-                lambda s: wrappers.VisionEncoder((s.captioning or s.retrieval).vision_model),
-                lambda s: (s.captioning or s.retrieval).config, profile=profile)
+                lambda s: wrappers.VisionEncoder((s.captioning or s.retrieval).vision_model), profile=profile)
 
 
 def text_cells(image_size: int) -> list[Cell]:
     return [
         Cell(TEXT_ENCODER, f"text encoder ITM ({ITM_TEXT_TOKENS} tokens)", image_size, wrappers.text_encoder_inputs,
-             lambda s: wrappers.TextEncoder(s.retrieval, s.tokens["ENC"], s.tokens["CLS"]),
-             lambda s: s.retrieval.config, {"text": ITM_TEXT_TOKENS}),
+             lambda s: wrappers.TextEncoder(s.retrieval, s.tokens["ENC"], s.tokens["CLS"]), {"text": ITM_TEXT_TOKENS}),
         Cell(TEXT_DECODER, f"decoder first step ({PROMPT_TOKENS}-token prompt)", image_size,
-             wrappers.decoder_first_inputs, lambda s: wrappers.DecoderFirstStep(s.captioning),
-             lambda s: s.captioning.config, {"text": PROMPT_TOKENS}),
+             wrappers.decoder_first_inputs, lambda s: wrappers.DecoderFirstStep(s.captioning), {"text": PROMPT_TOKENS}),
         Cell(TEXT_DECODER_WITH_PAST, f"decoder step with past ({PAST_TOKENS} cached)", image_size,
              wrappers.decoder_past_inputs, lambda s: wrappers.DecoderWithPast(s.captioning),
-             lambda s: s.captioning.config, {"new": 1, "past": PAST_TOKENS}),
+             {"new": 1, "past": PAST_TOKENS}),
     ]
 
 
@@ -90,7 +85,7 @@ def measure_cell(cell: Cell, source: BlipSource, variants: dict[str, Variant], b
         return [{"module": cell.module, "label": cell.label, "image_size": cell.image_size, "batch": batch,
                  "not_measured": reason} for batch in batches]
     wrapper = cell.make_wrapper(source).eval()
-    config = cell.config(source)
+    config = part_of(cell, source).config
     inputs = {batch: cell.make_inputs(config, batch=batch, image_size=cell.image_size, seed=0, **cell.sizes)
               for batch in batches}
     shapes = {batch: {name: tuple(t.shape) for name, t in tensors.items()} for batch, tensors in inputs.items()}
