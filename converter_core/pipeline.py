@@ -28,7 +28,7 @@ from converter_core.specs import (
     PassReport,
     SplitPlan,
 )
-from converter_core.validate import compare, ort_runner, torch_references
+from converter_core.validate import OrtRunner, compare, torch_references
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def convert(
                 references[spec.name] = torch_references(wrapper, spec, atol)
             if options.validate:
                 on_stage(f"{spec.name}: validating against PyTorch")
-                validation, failure = compare(references[spec.name], ort_runner(path))
+                validation, failure = compare(references[spec.name], OrtRunner(path))
                 if failure:
                     failures.append(failure)
             else:

@@ -66,8 +66,6 @@ class OrtRunner:
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
 
 
-ort_runner = OrtRunner
-
 
 def compare(references: ModuleReferences, run: Runner) -> tuple[ModuleValidation, ValidationFailed | None]:
     """Run every reference case and record, per output, the largest differences over all cases.

@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from converter_core.extension import Backend
 from converter_core.specs import Availability, BackendArtifacts, BackendValidation, ExportedModule, ModuleReferences
-from converter_core.validate import compare, ort_runner
+from converter_core.validate import OrtRunner, compare
 
 ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-openvino", "onnxruntime-gpu", "onnxruntime-training")
 PREFERRED_PROVIDERS = ("DnnlExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider")
@@ -104,7 +104,7 @@ class CpuBackend(Backend):
         failures = []
         for module, relative in artifacts.config["models"].items():
             config = artifacts.config
-            run = ort_runner(out_dir / relative, providers,
+            run = OrtRunner(out_dir / relative, providers,
                              session_options(config["intra_op_num_threads"], config["graph_optimization_level"]))
             if run.providers[0] != provider:
                 # ORT falls back to the CPU EP silently when an EP cannot be created.

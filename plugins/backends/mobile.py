@@ -49,7 +49,7 @@ from converter_core.specs import (
     Reference,
     ShapeCase,
 )
-from converter_core.validate import compare, ort_runner
+from converter_core.validate import OrtRunner, compare
 from plugins.backends.axis_ranges import axis_range, input_axes, per_axis_option, shape_at
 from plugins.backends.mobile_usability import check_usability, usability_markdown
 
@@ -218,7 +218,7 @@ class MobileBackend(Backend):
                 unchecked.append(f"{name}: no PyTorch references")
                 continue
             shapes = {input_name: list(shape) for input_name, shape in module["inputs"].items()}
-            run = ort_runner(out_dir / module["file"])
+            run = OrtRunner(out_dir / module["file"])
             matching = [r for r in module_refs.cases
                         if all(list(r.case.inputs[n].shape) == s for n, s in shapes.items())]
             if matching:
@@ -233,7 +233,7 @@ class MobileBackend(Backend):
                 sizes = " ".join(f"{axis}={v['size']}" for axis, v in module["sizes"].items())
                 label = f"{sizes} (inputs of PyTorch case {base.case.label!r} tiled/cropped)"
                 try:
-                    expected = ort_runner(out_dir / module["source_model"])(inputs)
+                    expected = OrtRunner(out_dir / module["source_model"])(inputs)
                 except Exception as exc:  # tiled inputs can break a graph that ties two axes together
                     unchecked.append(f"{name}: no PyTorch case has the fixed shape and the exported graph does not "
                                      f"run on tiled inputs ({type(exc).__name__}: {exc})")

@@ -26,7 +26,7 @@ from plugins.blip.modules import (
     TEXT_ENCODER,
     VISION_ENCODER,
 )
-from plugins.blip.conversion import IMAGE_MEAN, IMAGE_STD
+from plugins.blip.normalization import IMAGE_MEAN, IMAGE_STD
 from plugins.blip.source import BlipSource
 
 

@@ -19,11 +19,10 @@ from plugins.blip.modules import (
     BlipConversion,
     module_specs,
 )
+from plugins.blip.normalization import IMAGE_MEAN, IMAGE_STD
 from plugins.blip.source import BlipSource
 
 # Original BLIP preprocessing and generation (shared/BLIP.md): bicubic resize, no crop, CLIP's statistics.
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 PROMPT = "a picture of "
 BERT_PROMPT_IDS = (1037, 3861, 1997)  # "a picture of" in bert-base-uncased, after [DEC]
 BERT_VOCAB_SIZE = 30524

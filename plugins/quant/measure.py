@@ -25,7 +25,7 @@ from onnx import helper
 
 from converter_core.gates import check_gates
 from converter_core.specs import ModuleReferences
-from converter_core.validate import ort_runner
+from converter_core.validate import OrtRunner
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def accuracy(path: Path, references: ModuleReferences, require_tolerance: bool =
     has no gates, every output must also stay within the module's validation tolerance.
     """
     try:
-        run = ort_runner(path)
+        run = OrtRunner(path)
         outputs = [run(reference.case.inputs) for reference in references.cases]
     except Exception as exc:  # an op without a CPU kernel, a broken rewrite: the graph is unusable
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -145,10 +145,12 @@ def test_int8_dynamic_shrinks_the_vision_encoder_within_its_cosine_gate(source, 
     report, target = apply(pass_named("int8-dynamic"), *vision, tmp_path)
     assert report.kept, report.reason
     assert report.after["metrics"]["image_embeds:cosine"] >= 0.999
-    assert report.after["weight_bytes"] < 0.3 * report.before["weight_bytes"]
+    # The tiny model's patch embedding and position table are a large share of it; they stay float.
+    assert report.after["weight_bytes"] < 0.5 * report.before["weight_bytes"]
     for side in (report.before, report.after):
         assert side["nodes"] > 0 and side["bytes"] > 0 and side["latency_ms"] > 0
-    assert {"MatMulInteger", "ConvInteger"} <= op_types(target)
+    assert "MatMulInteger" in op_types(target)
+    assert "Conv" in op_types(target) and "ConvInteger" not in op_types(target), "the patch embedding stays float"
     pixels = image(source, seed=12, batch=3)
     assert cosine_rows(image_embeds(source, pixels), run(target, {"pixel_values": pixels})[0]) >= 0.999
 

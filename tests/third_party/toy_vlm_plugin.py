@@ -157,7 +157,7 @@ class ScaleWeights(GraphPass):
         self.factor = factor
 
     def apply(self, source: Path, target: Path, references: ModuleReferences) -> PassReport:
-        from converter_core.validate import compare, ort_runner
+        from converter_core.validate import OrtRunner, compare
 
         model = onnx.load(str(source))
         for initializer in model.graph.initializer:
@@ -165,7 +165,7 @@ class ScaleWeights(GraphPass):
                 array = numpy_helper.to_array(initializer) * np.float32(self.factor)
                 initializer.CopyFrom(numpy_helper.from_array(array.astype(np.float32), initializer.name))
         onnx.save(model, str(target))
-        validation, failure = compare(references, ort_runner(target))
+        validation, failure = compare(references, OrtRunner(target))
         worst = max(check.max_abs_diff for check in validation.outputs.values())
         return PassReport(
             self.name, references.spec.name, kept=failure is None,
