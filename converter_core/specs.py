@@ -138,6 +138,7 @@ class ModuleValidation:
     cases: list[str]
     outputs: dict[str, OutputCheck] = field(default_factory=dict)
     reason: str | None = None
+    gates: dict[str, float] | None = None  # "output:metric" -> worst value, where judged by gates
 
 
 @dataclass
@@ -155,6 +156,9 @@ class ModuleReferences:
     spec: ModuleSpec
     atol: float
     cases: list[Reference]
+    # True once a kept pass changed the numbers on purpose (quantisation, fp16): the graph is then
+    # judged against PyTorch by `spec.gates`, as that pass was, and no longer by `atol`.
+    by_gates: bool = False
 
 
 @dataclass
@@ -168,6 +172,9 @@ class PassReport:
     before: dict[str, Any] = field(default_factory=dict)  # e.g. nodes, bytes, latency_ms
     after: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    # The pass changes the numbers on purpose (quantisation, fp16) and was judged by the module's
+    # gates; False: it claims to keep them within the validation tolerance (fusion, onnxsim).
+    changes_numbers: bool = False
 
 
 @dataclass

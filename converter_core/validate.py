@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from converter_core.errors import CheckFailed
 from converter_core.export import torch_inputs
+from converter_core.gates import check_gates
 from converter_core.specs import ModuleReferences, ModuleSpec, ModuleValidation, OutputCheck, Reference
 
 if TYPE_CHECKING:
@@ -72,12 +73,17 @@ def compare(references: ModuleReferences, run: Runner) -> tuple[ModuleValidation
 
     The relative difference is |a - b| / max(|b|, atol) so that values near zero do not make it
     meaningless. The first failure is kept as `reason` and as the error `raise_if_failed` raises.
+    Where `references.by_gates` (a kept pass quantised the graph), the differences are still
+    recorded but the module's gates decide, over all cases at once.
     """
     spec, atol = references.spec, references.atol
+    by_gates = references.by_gates and bool(spec.gates)
     checks = {t.name: OutputCheck(t.name, 0.0, 0.0, [], True) for t in spec.outputs}
     first_failure: ValidationFailed | None = None
+    outputs_per_case = []
     for reference in references.cases:
         actual = run(reference.case.inputs)
+        outputs_per_case.append(actual)
         for name, expected in reference.outputs.items():
             check = checks[name]
             got = actual[name]
@@ -95,18 +101,27 @@ def compare(references: ModuleReferences, run: Runner) -> tuple[ModuleValidation
             max_rel = float((diff / np.maximum(np.abs(expected), atol)).max()) if max_abs < math.inf else math.inf
             check.max_abs_diff = max(check.max_abs_diff, max_abs)
             check.max_rel_diff = max(check.max_rel_diff, max_rel)
-            if not max_abs <= atol:
+            if not max_abs <= atol and not by_gates:
                 check.passed = False
                 first_failure = first_failure or OutputMismatch(
                     spec.name, name, reference.case.label,
                     f"max abs diff {max_abs:.3g} > tolerance {atol:g} (shape {list(got.shape)})",
                 )
+    gate_metrics = None
+    if by_gates and first_failure is None:
+        report = check_gates(references, outputs_per_case)
+        gate_metrics = report.metrics
+        if not report.passed:
+            failing = next(g for g in spec.gates if not g.holds(report.metrics[f"{g.output}:{g.metric}"]))
+            first_failure = OutputMismatch(spec.name, failing.output, f"its {len(references.cases)} cases",
+                                           "gate failed: " + "; ".join(report.failures))
     validation = ModuleValidation(
         status="failed" if first_failure else "passed",
         atol=atol,
         cases=[r.case.label for r in references.cases],
         outputs=checks,
         reason=str(first_failure) if first_failure else None,
+        gates=gate_metrics,
     )
     return validation, first_failure
 

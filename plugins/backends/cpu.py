@@ -115,9 +115,12 @@ class CpuBackend(Backend):
                 "status": validation.status,
                 "max_abs_diff": max((c.max_abs_diff for c in validation.outputs.values()), default=0.0),
                 "atol": validation.atol,
+                **({"judged_by_gates": validation.gates} if validation.gates is not None else {}),
             }
             if failure:
                 failures.append(str(failure))
         if failures:
             return BackendValidation("failed", "; ".join(failures), details)
-        return BackendValidation("passed", f"every module matches PyTorch on {provider}", details)
+        gated = sorted(name for name, module in details["modules"].items() if "judged_by_gates" in module)
+        how = f" (quantised, so judged by their gates: {', '.join(gated)})" if gated else ""
+        return BackendValidation("passed", f"every module matches PyTorch on {provider}{how}", details)

@@ -223,7 +223,7 @@ class MobileBackend(Backend):
                         if all(list(r.case.inputs[n].shape) == s for n, s in shapes.items())]
             if matching:
                 reference = "pytorch"
-                checked = ModuleReferences(module_refs.spec, module_refs.atol, matching)
+                checked = ModuleReferences(module_refs.spec, module_refs.atol, matching, module_refs.by_gates)
                 plural = "s" if len(matching) > 1 else ""
                 said.append(f"{name} against PyTorch ({len(matching)} case{plural} at the fixed shape)")
             else:
@@ -252,6 +252,7 @@ class MobileBackend(Backend):
                 "cases": validation.cases,
                 "max_abs_diff": max((c.max_abs_diff for c in validation.outputs.values()), default=0.0),
                 "atol": validation.atol,
+                **({"judged_by_gates": validation.gates} if validation.gates is not None else {}),
             }
             if failure:
                 failures.append(str(failure))

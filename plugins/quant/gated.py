@@ -97,7 +97,7 @@ class GatedPass(GraphPass):
             reason = f"the rewrite failed: {type(exc).__name__}: {str(exc).strip()[:500]}; the input graph is kept"
             (latency,) = paired_latency_ms([source], references.spec.example.inputs, self.latency)
             before = snapshot(source, latency, self.latency.threads, source_accuracy)
-            return PassReport(self.name, module, False, reason, before, {}, details)
+            return PassReport(self.name, module, False, reason, before, {}, details, not self.keeps_numbers)
 
         if not result.passed and self.search.enabled:
             try:
@@ -111,7 +111,7 @@ class GatedPass(GraphPass):
         kept, reason = self.judge(before, after, result, details)
         if not kept:
             reason += "; the input graph is kept"
-        return PassReport(self.name, module, kept, reason, before, after, details)
+        return PassReport(self.name, module, kept, reason, before, after, details, not self.keeps_numbers)
 
 
     def _search(self, source: Path, target: Path, references: ModuleReferences,

@@ -322,3 +322,44 @@ def test_a_module_without_gates_is_held_to_its_validation_tolerance(plugin_site,
     assert report.kept is False
     assert "max abs diff" in report.reason and "> tolerance 1e-05" in report.reason
     assert "MatMulInteger" not in op_types(out / "head.onnx")
+
+
+def test_a_backend_judges_a_quantised_module_by_its_gates_and_a_float_one_by_atol(source, tmp_path):
+    out = tmp_path / "out"
+    result = convert(BlipConversion(source),
+                     ConvertOptions(out, backends=("cpu",), passes=parse_pass_policy("text_decoder=int8-dynamic")),
+                     load_plugins())
+    assert result.modules[TEXT_DECODER].passes[0].kept
+    cpu = result.backends["cpu"].validation
+    assert cpu.status == "passed", cpu.reason
+    quantised, float32 = cpu.details["modules"][TEXT_DECODER], cpu.details["modules"][VISION_ENCODER]
+    # INT8 logits are far outside the float tolerance: atol alone would have failed a sound graph.
+    assert quantised["max_abs_diff"] > quantised["atol"]
+    assert quantised["judged_by_gates"]["logits:cosine"] >= 0.999
+    assert quantised["judged_by_gates"]["logits:argmax_agreement"] >= 0.9
+    assert "judged_by_gates" not in float32 and float32["max_abs_diff"] <= float32["atol"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["modules"][TEXT_DECODER]["passes"][0]["changes_numbers"] is True
+
+
+def test_gates_decide_only_where_a_pass_changed_the_numbers(vision):
+    from converter_core.validate import compare
+
+    _, references = vision
+    (gate,) = [g for g in references.spec.gates if g.metric == "cosine"]
+    expected = [r.outputs for r in references.cases]
+    rng = np.random.default_rng(0)
+
+    def perturbed(scale: float):
+        answers = iter([{name: value + scale * np.abs(value).mean() * rng.standard_normal(value.shape).astype(np.float32)
+                         for name, value in outputs.items()} for outputs in expected])
+        return lambda inputs: next(answers)
+
+    gated = dataclasses.replace(references, by_gates=True)
+    slight, _ = compare(references, perturbed(0.01))  # cosine ~0.9999, differences ~1e-2 > atol
+    assert slight.status == "failed" and "tolerance" in slight.reason
+    slight, failure = compare(gated, perturbed(0.01))
+    assert failure is None and slight.gates[f"{gate.output}:cosine"] >= gate.threshold
+    ruined, failure = compare(gated, perturbed(0.3))  # cosine ~0.95
+    assert failure is not None and ruined.status == "failed" and "gate failed" in ruined.reason
+    assert ruined.gates[f"{gate.output}:cosine"] < gate.threshold
