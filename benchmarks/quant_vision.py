@@ -1,6 +1,6 @@
 """INT8 vision encoder vs PyTorch eager: latency, size and image-embedding cosine (not a test).
 
-    python -m benchmarks.quant_vision [--preset base] [--threads 2] [--runs 10] [--work DIR]
+    python -m benchmarks.quant_vision [--preset base] [--threads 2] [--runs 10] [--work DIR] [--openvino]
 
 Random weights of the preset (BLIP ViT-B/16 at 384 for `base`), batch 1, the same intra-op thread
 count for PyTorch and ONNX Runtime, median of `--runs` runs after two warm-up turns; PyTorch and
@@ -34,10 +34,19 @@ from plugins.quant.int8_static import Int8StaticConfig, Int8StaticPass
 from plugins.quant.measure import LatencyConfig
 
 
-def ort_session(path: Path, threads: int) -> ort.InferenceSession:
+def ort_session(path: Path, threads: int, openvino: str | None = None) -> ort.InferenceSession:
+    """A session on the default CPU EP, or on OpenVINO's CPU plugin at `openvino` inference precision
+    ("f32", or "bf16": its float ops in bfloat16, on AMX where the CPU has it)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if openvino is None:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    config = json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": openvino}})
+    session = ort.InferenceSession(str(path), options, providers=[
+        ("OpenVINOExecutionProvider", {"device_type": "CPU", "num_of_threads": str(threads), "load_config": config})])
+    if session.get_providers()[0] != "OpenVINOExecutionProvider":  # ORT falls back to the CPU EP silently
+        raise RuntimeError(f"{path.name}: the session runs on {session.get_providers()}, not on OpenVINO")
+    return session
 
 
 def cosine(expected: np.ndarray, actual: np.ndarray) -> float:
@@ -52,6 +61,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--work", type=Path, default=None, help="keep the graphs here (default: a temporary folder)")
+    parser.add_argument("--openvino", action="store_true",
+                        help="also time every graph on the OpenVINO EP (needs onnxruntime-openvino), in f32 and bf16")
     parser.add_argument("--variants", default="int8-dynamic,int8-dynamic-per-channel,int8-dynamic-no-conv,"
                                                 "fusion+int8-dynamic,int8-static,int8-static-per-channel")
     args = parser.parse_args()
@@ -111,13 +122,24 @@ def main() -> None:
 
     # Every runner in turns, so that load from other processes falls on all of them alike.
     runners = {"torch-eager": lambda x=torch.from_numpy(pixels): wrapper(x)}
+    openvino_cosines: dict[str, float | str] = {}
     for name, path in {"ort-fp32": fp32, **graphs}.items():
         runner = ort_session(path, args.threads)
         runners[name] = lambda r=runner: r.run(None, {"pixel_values": pixels})
+        for precision in ("f32", "bf16") if args.openvino else ():
+            label = f"{name} openvino-{precision}"
+            try:
+                runner = ort_session(path, args.threads, precision)
+                openvino_cosines[label] = cosine(expected, runner.run(None, {"pixel_values": pixels})[0])
+            except Exception as exc:  # OpenVINO's ONNX reader refuses some contrib/QOperator graphs
+                openvino_cosines[label] = f"does not run: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}"
+                continue
+            runners[label] = lambda r=runner: r.run(None, {"pixel_values": pixels})
     times: dict[str, list[float]] = {name: [] for name in runners}
     with torch.inference_mode():
         for turn in range(args.runs + 2):
             for name, call in runners.items():
+                time.sleep(0.05)  # let the last library's spinning threads (ORT, OpenVINO's TBB) go idle
                 start = time.perf_counter()
                 call()
                 if turn >= 2:
@@ -125,7 +147,8 @@ def main() -> None:
     ms = {name: statistics.median(spent) * 1000 for name, spent in times.items()}
     eager = ms["torch-eager"]
     results = {"preset": args.preset, "image_size": source.image_size, "threads": args.threads, "runs": args.runs,
-               "latency_ms": ms, "fp32_bytes": fp32.stat().st_size, "variants": rows}
+               "latency_ms": ms, "fp32_bytes": fp32.stat().st_size, "variants": rows,
+               "openvino_cosine_batch1_fresh_image": openvino_cosines}
     print(f"\n{args.preset} vision encoder, image {source.image_size}, batch 1, {args.threads} threads, "
           f"median of {args.runs} interleaved runs; fp32 ONNX {fp32.stat().st_size / 1e6:.1f} MB")
     print(f"{'graph':28s} {'ms':>8s} {'vs eager':>9s} {'vs ort fp32':>12s} {'size':>7s}  cosine (gate; batch-1 image)")
@@ -135,6 +158,14 @@ def main() -> None:
         gate = (row["gate_metrics"] or {}).get("image_embeds:cosine", float("nan"))
         print(f"{variant:28s} {ms[variant]:8.1f} {eager / ms[variant]:9.2f}x {ms['ort-fp32'] / ms[variant]:11.2f}x "
               f"{row['size_ratio']:7.3f}  {gate:.5f}; {row['cosine_batch1_fresh_image']:.5f}")
+    for label, value in openvino_cosines.items():
+        if isinstance(value, str):
+            print(f"{label:28s} {value}")
+            continue
+        base = label.rsplit(" ", 1)[0]
+        size = 1.0 if base == "ort-fp32" else rows[base]["size_ratio"]
+        print(f"{label:28s} {ms[label]:8.1f} {eager / ms[label]:9.2f}x {ms['ort-fp32'] / ms[label]:11.2f}x "
+              f"{size:7.3f}  -; {value:.5f}")
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print(f"results: {work / 'results.json'}")
     if args.work is None:

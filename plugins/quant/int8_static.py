@@ -10,6 +10,8 @@ sensitive nodes are left float (`plugins.quant.search`); the calibration runs on
 
 from __future__ import annotations
 
+import inspect
+
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -100,6 +102,10 @@ class Int8StaticPass(GatedPass):
             def get_next(self) -> dict[str, np.ndarray] | None:
                 return next(self.items, None)
 
+        # onnxruntime < 1.25 (onnxruntime-openvino 1.24 among them) has no calibration cache: there
+        # each of the search's rewrites calibrates again, slower and to the same ranges.
+        cache = ({"calibration_cache_path": self._cache}
+                 if "calibration_cache_path" in inspect.signature(quantize_static).parameters else {})
         quantize_static(
             source, target, Reader(),
             quant_format=QuantFormat.QDQ,
@@ -110,6 +116,6 @@ class Int8StaticPass(GatedPass):
             weight_type=getattr(QuantType, QUANT_TYPES[self.config.weight_type]),
             nodes_to_exclude=list(exclude),
             calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[self.config.calibrate_method]),
-            calibration_cache_path=self._cache,
+            **cache,
         )
         return {"format": "QDQ", "calibration": calibration}
