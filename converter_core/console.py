@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from converter_core.pipeline import ConversionResult
+from converter_core.specs import PassReport
 
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True, log_path=False)
@@ -51,17 +52,26 @@ def _status_cell(status: str) -> str:
     return f"[{colour}]{status}[/{colour}]"
 
 
+def _pass_cell(report: PassReport) -> str:
+    metrics = report.after.get("metrics") or {}
+    if not report.changes_numbers or not metrics:
+        return report.pass_name
+    return f"{report.pass_name} ({', '.join(f'{key} {value:.4g}' for key, value in metrics.items())})"
+
+
 def print_summary(result: ConversionResult) -> None:
     if verbosity.quiet:
         return
     table = Table(title=f"{result.plan.model_type} -> {result.output_dir}")
     table.add_column("module", no_wrap=True)
-    for column in ("MB", "max abs diff", "atol", "validation", "passes"):
+    # The diff is the exported float graph's; a kept pass that changed the numbers shows the gate
+    # metrics it met instead, beside its name.
+    for column in ("MB", "export max abs diff", "atol", "validation", "passes (gate metrics)"):
         table.add_column(column)
     for name, record in result.modules.items():
         size = (result.output_dir / record.file).stat().st_size / 1e6
         worst = max((check.max_abs_diff for check in record.validation.outputs.values()), default=None)
-        kept = [r.pass_name for r in record.passes if r.kept]
+        kept = [_pass_cell(r) for r in record.passes if r.kept]
         table.add_row(
             name, f"{size:.1f}", "-" if worst is None else f"{worst:.2e}",
             f"{record.validation.atol:g}", _status_cell(record.validation.status), ", ".join(kept) or "-",

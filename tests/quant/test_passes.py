@@ -324,7 +324,7 @@ def test_a_module_without_gates_is_held_to_its_validation_tolerance(plugin_site,
     assert "MatMulInteger" not in op_types(out / "head.onnx")
 
 
-def test_a_backend_judges_a_quantised_module_by_its_gates_and_a_float_one_by_atol(source, tmp_path):
+def test_a_backend_judges_a_quantised_module_by_its_gates_and_a_float_one_by_atol(source, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     result = convert(BlipConversion(source),
                      ConvertOptions(out, backends=("cpu",), passes=parse_pass_policy("text_decoder=int8-dynamic")),
@@ -340,6 +340,17 @@ def test_a_backend_judges_a_quantised_module_by_its_gates_and_a_float_one_by_ato
     assert "judged_by_gates" not in float32 and float32["max_abs_diff"] <= float32["atol"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["modules"][TEXT_DECODER]["passes"][0]["changes_numbers"] is True
+
+    from rich.console import Console
+
+    from converter_core import console
+
+    monkeypatch.setattr(console, "stdout", Console(width=300))  # one table row per line
+    console.print_summary(result)
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("│")}
+    metric = result.modules[TEXT_DECODER].passes[0].after["metrics"]["logits:cosine"]
+    assert f"int8-dynamic (logits:cosine {metric:.4g}" in rows[TEXT_DECODER]
+    assert "int8-dynamic" not in rows[VISION_ENCODER]
 
 
 def test_gates_decide_only_where_a_pass_changed_the_numbers(vision):
