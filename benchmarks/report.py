@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from benchmarks.chart import draw_chart
 from benchmarks.machine import summary_line
+from converter_core.manifest import json_safe
 
 VARIANT_TITLES = {"pytorch": "PyTorch eager", "fp32": "ORT fp32", "fp32-fused": "ORT fp32 fused",
                   "int8-dynamic": "ORT INT8 dynamic", "int8-static": "ORT INT8 static", "fp16": "ORT fp16"}
@@ -21,20 +21,10 @@ def write(results: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     results.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     paths = [out / "results.json", out / "results.md", out / "results.png"]
-    paths[0].write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+    paths[0].write_text(json.dumps(json_safe(results), indent=2) + "\n")
     paths[1].write_text(markdown(results))
     draw_chart(results, paths[2])
     return paths
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    return value
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

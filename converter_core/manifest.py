@@ -84,20 +84,20 @@ def manifest_dict(result: ConversionResult) -> dict[str, Any]:
     }
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     # A difference can be inf (NaN or inf in an output); JSON has no such numbers, so write a string.
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 
 def write_manifest(out_dir: Path, result: ConversionResult) -> Path:
     path = out_dir / MANIFEST_NAME
-    path.write_text(json.dumps(_json_safe(manifest_dict(result)), indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(json_safe(manifest_dict(result)), indent=2, allow_nan=False) + "\n")
     return path
 
 

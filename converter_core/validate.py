@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -67,7 +67,6 @@ class OrtRunner:
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
 
 
-
 def compare(references: ModuleReferences, run: Runner) -> tuple[ModuleValidation, ValidationFailed | None]:
     """Run every reference case and record, per output, the largest differences over all cases.
 
@@ -124,4 +123,15 @@ def compare(references: ModuleReferences, run: Runner) -> tuple[ModuleValidation
         gates=gate_metrics,
     )
     return validation, first_failure
+
+
+def validation_record(validation: ModuleValidation) -> dict[str, Any]:
+    """What a backend records of one module's comparison: status, worst difference, tolerance, and
+    the gate metrics where the module was judged by its gates."""
+    return {
+        "status": validation.status,
+        "max_abs_diff": max((c.max_abs_diff for c in validation.outputs.values()), default=0.0),
+        "atol": validation.atol,
+        **({"judged_by_gates": validation.gates} if validation.gates is not None else {}),
+    }
 

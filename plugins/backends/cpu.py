@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from converter_core.extension import Backend
 from converter_core.specs import Availability, BackendArtifacts, BackendValidation, ExportedModule, ModuleReferences
-from converter_core.validate import OrtRunner, compare
+from converter_core.validate import OrtRunner, compare, validation_record
 
 ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-openvino", "onnxruntime-gpu", "onnxruntime-training")
 PREFERRED_PROVIDERS = ("DnnlExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider")
@@ -112,10 +112,7 @@ class CpuBackend(Backend):
             validation, failure = compare(references[module], run)
             details["modules"][module] = {
                 "providers": run.providers,
-                "status": validation.status,
-                "max_abs_diff": max((c.max_abs_diff for c in validation.outputs.values()), default=0.0),
-                "atol": validation.atol,
-                **({"judged_by_gates": validation.gates} if validation.gates is not None else {}),
+                **validation_record(validation),
             }
             if failure:
                 failures.append(str(failure))

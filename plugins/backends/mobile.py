@@ -49,7 +49,7 @@ from converter_core.specs import (
     Reference,
     ShapeCase,
 )
-from converter_core.validate import OrtRunner, compare
+from converter_core.validate import OrtRunner, compare, validation_record
 from plugins.backends.axis_ranges import axis_range, input_axes, per_axis_option, shape_at
 from plugins.backends.mobile_usability import check_usability, usability_markdown
 
@@ -247,12 +247,9 @@ class MobileBackend(Backend):
                 failures.append(f"{name}: {module['file']} fails at its fixed shape: {type(exc).__name__}: {exc}")
                 continue
             details["modules"][name] = {
-                "status": validation.status,
+                **validation_record(validation),
                 "reference": reference,
                 "cases": validation.cases,
-                "max_abs_diff": max((c.max_abs_diff for c in validation.outputs.values()), default=0.0),
-                "atol": validation.atol,
-                **({"judged_by_gates": validation.gates} if validation.gates is not None else {}),
             }
             if failure:
                 failures.append(str(failure))

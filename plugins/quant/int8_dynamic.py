@@ -45,7 +45,7 @@ def constant_names(model: onnx.ModelProto) -> set[str]:
 
 
 class Int8DynamicPass(GatedPass):
-    description = ("INT8 dynamic quantisation of weights (MatMul, Gemm, Conv, Attention), gated, with a search "
+    description = ("INT8 dynamic quantisation of weights (MatMul, Gemm, Attention), gated, with a search "
                    "for nodes to keep float")
 
     def __init__(self, name: str = "int8-dynamic", config: Int8DynamicConfig = Int8DynamicConfig()) -> None:
