@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = {"fp32": (52, 101, 164), "fp32-fused": (114, 159, 207), "int8-dynamic": (204, 102, 0),
-           "int8-static": (115, 162, 52), "fp16": (150, 100, 170)}
+           "int8-fused": (240, 160, 60), "int8-static": (115, 162, 52), "fp16": (150, 100, 170)}
 WIDTH, LEFT, RIGHT, BAR, GAP = 1160, 330, 60, 11, 10
 
 

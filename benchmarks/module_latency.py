@@ -31,6 +31,7 @@ PYTORCH = "pytorch"
 PROMPT_TOKENS = 4  # "[DEC] a picture of"
 ITM_TEXT_TOKENS = 16  # a caption-length text
 PAST_TOKENS = PROMPT_TOKENS + 10  # a step halfway through a 20-token caption
+COUNTED_AS = {"int8-fused": "int8-dynamic"}  # variant -> the variant whose graph has its products
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,10 @@ def measure_cell(cell: Cell, source: BlipSource, variants: dict[str, Variant], b
             graphs[name] = graph
     # The products are the fp32 graph's for PyTorch and for the graphs that keep the computation
     # (fused, fp16: contrib ops such as Attention hide them from shape inference); the INT8 graphs are
-    # counted themselves, for the share of their products that runs as integer kernels.
-    counted = [name for name in graphs if name == FP32 or name.startswith("int8")]
+    # counted themselves, for the share of their products that runs as integer kernels; int8-fused's
+    # QAttention hides its products too, and it quantises the same ones as int8-dynamic (the weights'
+    # products; the attention products stay float in both), so it takes int8-dynamic's count.
+    counted = [name for name in graphs if name == FP32 or (name.startswith("int8") and name not in COUNTED_AS)]
     flops: dict[str, dict[int, FlopCount] | str] = {}
     for name in counted:  # one graph in memory at a time: base-size graphs are large
         model = onnx.load(str(graphs[name]))
@@ -112,6 +115,9 @@ def measure_cell(cell: Cell, source: BlipSource, variants: dict[str, Variant], b
         except FlopCountError as exc:  # the timings still stand; the fraction of peak is then unknown
             flops[name] = str(exc)
         del model
+    for name, counterpart in COUNTED_AS.items():
+        if name in graphs:
+            flops[name] = flops.get(counterpart, f"no {counterpart} graph to count")
     for name in (PYTORCH, *graphs):
         flops.setdefault(name, flops.get(FP32, "no fp32 graph to count"))
     sessions = {name: ort_session(str(graph), threads) for name, graph in graphs.items()}

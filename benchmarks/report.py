@@ -12,8 +12,9 @@ from benchmarks.machine import summary_line
 from converter_core.manifest import json_safe
 
 VARIANT_TITLES = {"pytorch": "PyTorch eager", "fp32": "ORT fp32", "fp32-fused": "ORT fp32 fused",
-                  "int8-dynamic": "ORT INT8 dynamic", "int8-static": "ORT INT8 static", "fp16": "ORT fp16"}
-GRAPHS = ("fp32", "fp32-fused", "int8-dynamic", "int8-static", "fp16")
+                  "int8-dynamic": "ORT INT8 dynamic", "int8-fused": "ORT INT8 fused",
+                  "int8-static": "ORT INT8 static", "fp16": "ORT fp16"}
+GRAPHS = ("fp32", "fp32-fused", "int8-dynamic", "int8-fused", "int8-static", "fp16")
 REASON_CHARS = 160
 
 

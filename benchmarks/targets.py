@@ -19,7 +19,7 @@ from benchmarks.op_profile import PRODUCT_OPS
 from plugins.blip.modules import VISION_ENCODER
 
 FP32_VARIANTS = ("fp32", "fp32-fused")
-INT8_VARIANTS = ("int8-dynamic", "int8-static")
+INT8_VARIANTS = ("int8-dynamic", "int8-fused", "int8-static")
 PROFILED = (*FP32_VARIANTS, *INT8_VARIANTS)  # the vision encoder's op-time breakdown explains the misses
 
 

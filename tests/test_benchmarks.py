@@ -132,11 +132,11 @@ def test_quick_run_times_every_module_against_pytorch(quick_run):
     rows = {(row["module"], row["image_size"], row["batch"]): row for row in results["modules"]}
     assert set(rows) == {(module, native, batch) for module in MODULES for batch in (1, 8)}
     for (module, size, batch), row in rows.items():
-        for name in ("pytorch", "fp32", "fp32-fused", "int8-dynamic", "int8-static"):
+        for name in ("pytorch", "fp32", "fp32-fused", "int8-dynamic", "int8-fused", "int8-static"):
             entry = row["results"][name]
             assert 0 < entry["p50_ms"] <= entry["p90_ms"], (module, name)
             assert entry["gflops_per_s"] > 0 and entry["flops"]["total"] > 0
-        for name in ("int8-dynamic", "int8-static"):
+        for name in ("int8-dynamic", "int8-fused", "int8-static"):
             entry = row["results"][name]
             assert isinstance(entry["pass_kept"], bool)
             assert entry["flops"]["total"] == row["results"]["fp32"]["flops"]["total"]  # the same products
@@ -157,13 +157,13 @@ def test_quick_run_captions_end_to_end_with_equal_work(quick_run):
     assert set(decodings) == {"greedy", "beam 3"}
     for row in decodings.values():
         assert set(row["results"]) == {"pytorch-generate", "runtime-fp32", "runtime-fp32-fused",
-                                       "runtime-int8-dynamic", "runtime-int8-static"}
+                                       "runtime-int8-dynamic", "runtime-int8-fused", "runtime-int8-static"}
         for entry in row["results"].values():
             assert entry["tokens"] == 20 and entry["p50_ms"] > 0
     assert decodings["greedy"]["results"]["runtime-fp32"]["tokens_equal_to_pytorch"] == "20/20"
     encoding = results["captioning_vision"]
     assert set(encoding) == {"pytorch", "runtime-fp32", "runtime-fp32-fused", "runtime-int8-dynamic",
-                             "runtime-int8-static"}
+                             "runtime-int8-fused", "runtime-int8-static"}
     greedy = decodings["greedy"]["results"]
     for name, entry in encoding.items():
         caption = greedy["pytorch-generate" if name == "pytorch" else name]
