@@ -23,7 +23,7 @@ import onnx
 
 from converter_core.specs import ModuleReferences, PassReport
 from plugins.quant.gated import GatedPass
-from plugins.quant.int8_dynamic import QUANT_TYPES
+from plugins.quant.int8_dynamic import QUANT_TYPES, QUANTIZER_OPTIONS, quantizer_input
 from plugins.quant.measure import LatencyConfig
 from plugins.quant.search import SearchConfig
 
@@ -106,16 +106,18 @@ class Int8StaticPass(GatedPass):
         # each of the search's rewrites calibrates again, slower and to the same ranges.
         cache = ({"calibration_cache_path": self._cache}
                  if "calibration_cache_path" in inspect.signature(quantize_static).parameters else {})
-        quantize_static(
-            source, target, Reader(),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=self.op_types(),
-            per_channel=self.config.per_channel,
-            reduce_range=self.config.reduce_range,
-            activation_type=getattr(QuantType, QUANT_TYPES[self.config.activation_type]),
-            weight_type=getattr(QuantType, QUANT_TYPES[self.config.weight_type]),
-            nodes_to_exclude=list(exclude),
-            calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[self.config.calibrate_method]),
-            **cache,
-        )
+        with quantizer_input(source) as graph:
+            quantize_static(
+                graph, target, Reader(),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=self.op_types(),
+                per_channel=self.config.per_channel,
+                reduce_range=self.config.reduce_range,
+                activation_type=getattr(QuantType, QUANT_TYPES[self.config.activation_type]),
+                weight_type=getattr(QuantType, QUANT_TYPES[self.config.weight_type]),
+                nodes_to_exclude=list(exclude),
+                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[self.config.calibrate_method]),
+                extra_options=QUANTIZER_OPTIONS,
+                **cache,
+            )
         return {"format": "QDQ", "calibration": calibration}

@@ -27,7 +27,7 @@ from converter_core.plugins import load_plugins
 from converter_core.validate import torch_references
 from plugins.blip import wrappers
 from plugins.blip.calibration import calibration_cases
-from plugins.blip.modules import TEXT_DECODER, TEXT_DECODER_WITH_PAST, VISION_ENCODER, BlipConversion, module_specs
+from plugins.blip.modules import TEXT_DECODER, TEXT_DECODER_WITH_PAST, TEXT_ENCODER, VISION_ENCODER, BlipConversion, module_specs
 from plugins.blip.presets import random_source
 from plugins.quant.int8_static import Int8StaticConfig, Int8StaticPass
 from plugins.quant.plugin import passes
@@ -374,3 +374,23 @@ def test_gates_decide_only_where_a_pass_changed_the_numbers(vision):
     ruined, failure = compare(gated, perturbed(0.3))  # cosine ~0.95
     assert failure is not None and ruined.status == "failed" and "gate failed" in ruined.reason
     assert ruined.gates[f"{gate.output}:cosine"] < gate.threshold
+
+
+def test_int8_dynamic_quantises_the_fused_text_encoder_and_its_gate_decides(tmp_path):
+    # `fusion` records tensor shapes that ONNX Runtime's optimizer then leaves stale; the quantizer
+    # failed on them ("Inferred shape and existing shape differ") and the INT8 pass was reverted
+    # without its graph ever being measured. Now the quantised graph is made and the ITM gate judges it.
+    from plugins.blip import fixture
+    from plugins.blip.checkpoint import load_blip_source
+
+    out = tmp_path / "out"
+    policy = parse_pass_policy("text_encoder=fusion+int8-dynamic")
+    convert(BlipConversion(load_blip_source([fixture.checkpoint_path()])), ConvertOptions(out, passes=policy))
+    manifest = json.loads((out / "manifest.json").read_text())
+    reports = {p["pass_name"]: p for p in manifest["modules"][TEXT_ENCODER]["passes"]}
+    assert reports["fusion"]["kept"], reports["fusion"]["reason"]
+    int8 = reports["int8-dynamic"]
+    assert "rewrite failed" not in int8["reason"], int8["reason"]
+    assert "itm_probability:max_abs" in int8["reason"]  # measured: "gates hold: ..." or "gate failed: ..."
+    quantised = bool({"DynamicQuantizeMatMul", "MatMulInteger"} & op_types(out / manifest["modules"][TEXT_ENCODER]["file"]))
+    assert quantised == int8["kept"]
