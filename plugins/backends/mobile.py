@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +224,7 @@ class MobileBackend(Backend):
                         if all(list(r.case.inputs[n].shape) == s for n, s in shapes.items())]
             if matching:
                 reference = "pytorch"
-                checked = ModuleReferences(module_refs.spec, module_refs.atol, matching, module_refs.by_gates)
+                checked = replace(module_refs, cases=matching)
                 plural = "s" if len(matching) > 1 else ""
                 said.append(f"{name} against PyTorch ({len(matching)} case{plural} at the fixed shape)")
             else:

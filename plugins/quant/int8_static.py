@@ -11,7 +11,6 @@ sensitive nodes are left float (`plugins.quant.search`); the calibration runs on
 from __future__ import annotations
 
 import inspect
-
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
