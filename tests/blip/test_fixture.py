@@ -145,3 +145,29 @@ def test_convert_blip_without_a_checkpoint_takes_the_fixture_and_its_tokenizer()
     assert plan.metadata["generation"]["prompt_ids"] == [vocab.index(word) for word in ("[DEC]", "a", "picture", "of")]
     assert {spec.name for spec in plan.modules} == {"vision_encoder", "text_encoder", "text_decoder",
                                                     "text_decoder_with_past"}  # fmt: skip
+
+
+def test_vision_stage_labels_are_the_attributes_the_caption_names():
+    from plugins.blip.fixture import train
+
+    drawn = fixture.heldout_scenes(30)
+    labels = train.attribute_labels(drawn)
+    classes = train.attribute_classes()
+    for index, item in enumerate(drawn):
+        named = {name: classes[name][int(labels[name][index])] for name in classes}
+        assert scenes.caption(**named) == item.caption
+
+
+def test_the_training_script_is_deterministic_and_writes_what_the_loader_reads(tmp_path):
+    # A few steps of both stages, twice: the same weights, a checkpoint the real loader reads, and a
+    # report of what was measured on it (the accuracies after 30 steps are whatever they are).
+    from plugins.blip.fixture import train
+
+    reports = [train.train(30, tmp_path / run, seed=3, vision_steps=30) for run in ("a", "b")]
+    assert reports[0]["checkpoint"]["sha256"] == reports[1]["checkpoint"]["sha256"]
+    report = reports[0]
+    assert report["vision_stage"]["steps"] == 30 and set(report["vision_stage"]["heldout_attribute_accuracy"]) == {
+        "count", "colour", "shape", "background"}  # fmt: skip
+    assert 0 <= report["greedy_exact_match"] <= 100 and report["total_seconds"] > report["joint_train_seconds"]
+    source = load_blip_source([tmp_path / "a" / fixture.CHECKPOINT])
+    assert source.retrieval is not None and source.captioning.config.vision_config.image_size == 64
