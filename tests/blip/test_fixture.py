@@ -152,7 +152,7 @@ def test_vision_stage_labels_are_the_attributes_the_caption_names():
 
     drawn = fixture.heldout_scenes(30)
     labels = train.attribute_labels(drawn)
-    classes = train.attribute_classes()
+    classes = scenes.ATTRIBUTE_VALUES
     for index, item in enumerate(drawn):
         named = {name: classes[name][int(labels[name][index])] for name in classes}
         assert scenes.caption(**named) == item.caption
