@@ -16,7 +16,6 @@ against `generate`; model sizes; the issue's targets.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -82,8 +81,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from benchmarks import captioning, conversions, machine, module_latency, peak, targets
-    from plugins.blip.modules import VISION_ENCODER
     from plugins.blip.conversion import load_source
+    from plugins.blip.graphs import VISION_ENCODER
     from plugins.blip.presets import random_source
 
     mode = QUICK if args.quick else FULL

@@ -21,6 +21,7 @@ from PIL import Image
 
 from benchmarks.conversions import Variant
 from benchmarks.latency import Timing, TimingConfig, time_in_turns
+from plugins.blip.graphs import TEXT_DECODER
 from plugins.blip.runtime import BlipRuntime
 from plugins.blip.source import BlipSource
 
@@ -57,7 +58,7 @@ def measure_captioning(source: BlipSource, variants: dict[str, Variant], threads
 
     model = source.captioning
     if model is None:
-        reason = source.absent.get("text_decoder", "no captioning decoder")
+        reason = source.absent.get(TEXT_DECODER, "no captioning decoder")
         return [{"decoding": name, "not_measured": reason} for name, _ in DECODINGS], {}
     image = sample_image()
     runtimes = {f"runtime-{name}": BlipRuntime(variant.directory, threads=threads)

@@ -27,7 +27,7 @@ from converter_core import hookimpl
 from converter_core.manifest import read_manifest
 from converter_core.pipeline import ConvertOptions, convert, parse_pass_policy
 from converter_core.plugins import PluginHost, load_plugins
-from plugins.blip.modules import BlipConversion
+from plugins.blip.recipes import BlipConversion
 from plugins.blip.source import BlipSource
 
 FP32 = "fp32"

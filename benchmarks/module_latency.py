@@ -1,8 +1,8 @@
 """Per-module latency: PyTorch eager against each ONNX variant, at batch 1 and 8, with FLOP/s.
 
-PyTorch eager runs the export wrapper (`plugins.blip.wrappers`), the very computation the graph
+PyTorch eager runs the export wrapper (each graph's recipe builds it), the very computation the graph
 holds, under `torch.inference_mode`; each variant runs on ONNX Runtime's CPU provider with default
-graph optimisations. Inputs come from the wrappers' own example builders at the sizes below, the
+graph optimisations. Inputs come from the recipes' own example builders at the sizes below, the
 same arrays for every runner. FLOPs are counted from the fp32 graph at those sizes (`benchmarks.flops`),
 and from each INT8 graph for the share of them that runs as integer kernels; achieved FLOP/s is
 FLOPs / p50, as a fraction of the measured fp32 peak (PyTorch, fp32, fused, fp16) or INT8 peak (INT8).
@@ -23,8 +23,8 @@ from benchmarks.flops import FlopCount, FlopCountError, count_flops
 from benchmarks.latency import Timing, TimingConfig, time_in_turns
 from benchmarks.op_profile import op_time
 from benchmarks.peak import ort_session
-from plugins.blip import wrappers
-from plugins.blip.modules import TEXT_DECODER, TEXT_DECODER_WITH_PAST, TEXT_ENCODER, VISION_ENCODER
+from plugins.blip.graphs import TEXT_DECODER, TEXT_DECODER_WITH_PAST, TEXT_ENCODER, VISION_ENCODER
+from plugins.blip.recipes import RECIPE
 from plugins.blip.source import BlipSource
 
 PYTORCH = "pytorch"
@@ -48,19 +48,20 @@ class Cell:
 
 
 def vision_cell(image_size: int, profile: tuple[str, ...] = ()) -> Cell:
-    return Cell(VISION_ENCODER, f"vision encoder {image_size}px", image_size, wrappers.vision_inputs,
-                lambda s: wrappers.VisionEncoder((s.captioning or s.retrieval).vision_model), profile=profile)
+    return _cell(VISION_ENCODER, f"vision encoder {image_size}px", image_size, {}, profile)
+
+
+def _cell(module: str, label: str, image_size: int, sizes: dict[str, int], profile: tuple[str, ...] = ()) -> Cell:
+    recipe = RECIPE[module]
+    return Cell(module, label, image_size, recipe.make_inputs, recipe.build, sizes, profile)
 
 
 def text_cells(image_size: int) -> list[Cell]:
     return [
-        Cell(TEXT_ENCODER, f"text encoder ITM ({ITM_TEXT_TOKENS} tokens)", image_size, wrappers.text_encoder_inputs,
-             lambda s: wrappers.TextEncoder(s.retrieval, s.tokens["ENC"], s.tokens["CLS"]), {"text": ITM_TEXT_TOKENS}),
-        Cell(TEXT_DECODER, f"decoder first step ({PROMPT_TOKENS}-token prompt)", image_size,
-             wrappers.decoder_first_inputs, lambda s: wrappers.DecoderFirstStep(s.captioning), {"text": PROMPT_TOKENS}),
-        Cell(TEXT_DECODER_WITH_PAST, f"decoder step with past ({PAST_TOKENS} cached)", image_size,
-             wrappers.decoder_past_inputs, lambda s: wrappers.DecoderWithPast(s.captioning),
-             {"new": 1, "past": PAST_TOKENS}),
+        _cell(TEXT_ENCODER, f"text encoder ITM ({ITM_TEXT_TOKENS} tokens)", image_size, {"text": ITM_TEXT_TOKENS}),
+        _cell(TEXT_DECODER, f"decoder first step ({PROMPT_TOKENS}-token prompt)", image_size, {"text": PROMPT_TOKENS}),
+        _cell(TEXT_DECODER_WITH_PAST, f"decoder step with past ({PAST_TOKENS} cached)", image_size,
+              {"new": 1, "past": PAST_TOKENS}),
     ]
 
 
@@ -126,9 +127,9 @@ def measure_cell(cell: Cell, source: BlipSource, variants: dict[str, Variant], b
     for batch in batches:
         tensors = inputs[batch]
         feeds = {name: tensor.numpy() for name, tensor in tensors.items()}
-        runners: dict[str, Callable[[], object]] = {PYTORCH: lambda: wrapper(*tensors.values())}
+        runners: dict[str, Callable[[], object]] = {PYTORCH: lambda t=tensors: wrapper(*t.values())}
         for name, session in sessions.items():
-            runners[name] = lambda s=session: s.run(None, feeds)
+            runners[name] = lambda s=session, f=feeds: s.run(None, f)
         with torch.inference_mode():
             timings = time_in_turns(runners, timing)
         results: dict[str, Any] = {}

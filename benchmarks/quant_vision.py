@@ -25,9 +25,9 @@ import torch
 
 from converter_core.export import export_with_torch
 from converter_core.validate import torch_references
-from plugins.blip.modules import TEXT_DECODER, TEXT_DECODER_WITH_PAST, VISION_ENCODER, BlipConversion, module_specs
+from plugins.blip.graphs import PIXEL_VALUES, VISION_ENCODER
 from plugins.blip.presets import random_source
-from plugins.blip.wrappers import DecoderFirstStep, DecoderWithPast, VisionEncoder
+from plugins.blip.recipes import RECIPE, BlipConversion, module_spec
 from plugins.quant.fusion import FusionConfig, FusionPass
 from plugins.quant.int8_dynamic import Int8DynamicConfig, Int8DynamicPass
 from plugins.quant.int8_static import Int8StaticConfig, Int8StaticPass
@@ -72,11 +72,8 @@ def main() -> None:
 
     started = time.perf_counter()
     source = random_source(args.preset, parts=("captioning",))
-    wrapper = VisionEncoder(source.captioning.vision_model).eval()
-    decoders = {TEXT_DECODER: DecoderFirstStep, TEXT_DECODER_WITH_PAST: DecoderWithPast}
-    specs, _ = module_specs(BlipConversion(source), lambda name: wrapper if name == VISION_ENCODER
-                            else decoders[name](source.captioning))
-    spec = next(s for s in specs if s.name == VISION_ENCODER)
+    wrapper = RECIPE[VISION_ENCODER].build(source).eval()
+    spec = module_spec(RECIPE[VISION_ENCODER], BlipConversion(source))
     fp32 = work / "vision_encoder.onnx"
     if not fp32.exists():
         export_with_torch(wrapper, spec, fp32)
@@ -108,11 +105,11 @@ def main() -> None:
             reports.append(report)
             if report.kept:
                 current = target
-        got = ort_session(current, args.threads).run(None, {"pixel_values": pixels})[0]
+        got = ort_session(current, args.threads).run(None, {PIXEL_VALUES: pixels})[0]
         rows[variant] = {
             "kept": [r.kept for r in reports], "reasons": [r.reason for r in reports],
             "size_ratio": current.stat().st_size / fp32.stat().st_size, "bytes": current.stat().st_size,
-            "gate_metrics": reports[-1].after.get("metrics"),
+            "gate_metrics": reports[-1].after.metrics if reports[-1].after else None,
             "cosine_batch1_fresh_image": cosine(expected, got),
             "excluded": [e["node"] for e in reports[-1].details.get("excluded", [])],
             "build_seconds": round(time.perf_counter() - t0, 1),
@@ -125,16 +122,16 @@ def main() -> None:
     openvino_cosines: dict[str, float | str] = {}
     for name, path in {"ort-fp32": fp32, **graphs}.items():
         runner = ort_session(path, args.threads)
-        runners[name] = lambda r=runner: r.run(None, {"pixel_values": pixels})
+        runners[name] = lambda r=runner: r.run(None, {PIXEL_VALUES: pixels})
         for precision in ("f32", "bf16") if args.openvino else ():
             label = f"{name} openvino-{precision}"
             try:
                 runner = ort_session(path, args.threads, precision)
-                openvino_cosines[label] = cosine(expected, runner.run(None, {"pixel_values": pixels})[0])
+                openvino_cosines[label] = cosine(expected, runner.run(None, {PIXEL_VALUES: pixels})[0])
             except Exception as exc:  # OpenVINO's ONNX reader refuses some contrib/QOperator graphs
                 openvino_cosines[label] = f"does not run: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}"
                 continue
-            runners[label] = lambda r=runner: r.run(None, {"pixel_values": pixels})
+            runners[label] = lambda r=runner: r.run(None, {PIXEL_VALUES: pixels})
     times: dict[str, list[float]] = {name: [] for name in runners}
     with torch.inference_mode():
         for turn in range(args.runs + 2):

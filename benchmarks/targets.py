@@ -16,7 +16,7 @@ from typing import Any
 from benchmarks.captioning import PYTORCH as GENERATE
 from benchmarks.captioning import VISION_PYTORCH
 from benchmarks.op_profile import PRODUCT_OPS
-from plugins.blip.modules import VISION_ENCODER
+from plugins.blip.graphs import VISION_ENCODER
 
 FP32_VARIANTS = ("fp32", "fp32-fused")
 INT8_VARIANTS = ("int8-dynamic", "int8-fused", "int8-static")

@@ -18,6 +18,7 @@ from rich.table import Table
 from converter_core import hookspecs
 from converter_core.console import stderr, stdout, verbosity
 from converter_core.errors import CheckFailed, ConverterError, InputError, PluginError
+from converter_core.options import option_table
 from converter_core.plugins import (
     PluginFailure,
     PluginHost,
@@ -47,7 +48,7 @@ def _print(rows: Any, table: Table, as_json: bool) -> None:
         stdout.print(table)
 
 
-def _listing_commands(app: typer.Typer, host: PluginHost) -> None:
+def _hooks_command(app: typer.Typer, host: PluginHost) -> None:
     @app.command("hooks")
     def list_hooks(as_json: JsonFlag = False) -> None:
         """List every hook, what it is for, and which plugins implement it."""
@@ -65,6 +66,8 @@ def _listing_commands(app: typer.Typer, host: PluginHost) -> None:
             table.add_row(row["name"], row["description"], ", ".join(row["implemented_by"]) or "-")
         _print(rows, table, as_json)
 
+
+def _plugins_command(app: typer.Typer, host: PluginHost) -> None:
     @app.command("plugins")
     def list_plugins(as_json: JsonFlag = False) -> None:
         """List installed plugins: distribution, version, entry point, hooks; and the ones that failed."""
@@ -76,47 +79,66 @@ def _listing_commands(app: typer.Typer, host: PluginHost) -> None:
         for p in host.plugins:
             table.add_row(p.name, p.distribution, p.version, p.entry_point, "\n".join(p.hooks))
         for f in host.failures:
-            table.add_row(f.name, f.distribution, "-", f.entry_point, f"[red]not loaded: {f.error}[/red]")
+            table.add_row(f.name, f.distribution, "-", f.entry_point, f"[red]{escape(f.error)}[/red]")
         _print(rows, table, as_json)
 
+
+def _backends_command(app: typer.Typer, host: PluginHost) -> None:
     @app.command("backends")
     def list_backends(as_json: JsonFlag = False) -> None:
         """List backends, the plugin providing each, and whether it can run on this machine."""
         rows = []
-        for name, (backend, plugin) in sorted(collect_backends(host).items()):
+        known = len(host.failures)
+        backends = collect_backends(host, strict=False)
+        for failure in host.failures[known:]:  # clashes: shown, and the listing goes on
+            stderr.print(f"[yellow]warning:[/yellow] {escape(failure.message())}", highlight=False)
+        for name, (backend, plugin) in sorted(backends.items()):
             availability = backend.availability()
             rows.append({
                 "name": name, "plugin": plugin, "description": backend.description,
                 "available": availability.available, "reason": availability.reason,
+                "options": option_table(backend.options_type),
             })
-        table = Table("backend", "plugin", "runs here", "why / on what")
+        table = Table("backend", "plugin", "runs here", "why / on what", "options (--backend-option NAME.KEY=VALUE)")
         for row in rows:
-            table.add_row(row["name"], row["plugin"], "yes" if row["available"] else "[red]no[/red]", row["reason"])
+            options = "\n".join(f"{o['name']}: {o['type']} = {o['default']!r}" for o in row["options"]) or "-"
+            table.add_row(row["name"], row["plugin"], "yes" if row["available"] else "[red]no[/red]", row["reason"],
+                          escape(options))
         _print(rows, table, as_json)
 
 
 def _merge_plugin_commands(app: typer.Typer, host: PluginHost) -> None:
-    owners = {name: "converter_core" for name in BUILTIN_COMMANDS}
+    """Every plugin's commands, merged into `app`. A plugin whose commands fail to register, or a name
+    two plugins claim (or one of the built-in listings), is left out with a warning naming both: one
+    broken plugin must not take the whole CLI down, and neither claimant silently wins."""
+    claims: dict[str, list[tuple[str, object]]] = {name: [("converter_core", None)] for name in BUILTIN_COMMANDS}
     for impl in host.hook.converter_register_commands.get_hookimpls():
         label = host.plugin_label(impl.plugin)
         plugin_app = typer.Typer()
         try:
             impl.function(cli=plugin_app)
-        except Exception as exc:  # one plugin's broken command must not take the CLI down
+        except BaseException as exc:  # noqa: BLE001 - not even sys.exit() in a plugin may end the CLI
             host.failures.append(PluginFailure(
                 host.manager.get_name(impl.plugin) or label, label, "converter_register_commands",
-                f"adding its commands failed: {type(exc).__name__}: {exc}", traceback.format_exc(),
+                f"did not add its commands: {type(exc).__name__}: {exc}", traceback.format_exc(),
             ))
             continue
         entries = [(info.name or info.callback.__name__.replace("_", "-"), info) for info in plugin_app.registered_commands]
         entries += [(group.name or group.typer_instance.info.name, group) for group in plugin_app.registered_groups]
         for name, entry in entries:
-            if name in owners:
-                raise PluginError(f"two plugins register the command {name!r}: {owners[name]} and {label}; uninstall one of them")
-            owners[name] = label
             entry.name = name
-        app.registered_commands.extend(plugin_app.registered_commands)
-        app.registered_groups.extend(plugin_app.registered_groups)
+            claims.setdefault(name, []).append((label, entry))
+    for name, claimants in claims.items():
+        if len(claimants) > 1:
+            owners = " and ".join(label for label, _ in claimants)
+            kept = "the built-in command stays" if claimants[0][1] is None else "neither is added"
+            host.failures.append(PluginFailure(claimants[-1][0], claimants[-1][0], "converter_register_commands",
+                                               f"clashes: the command {name!r} is claimed by {owners}; {kept}; "
+                                               "uninstall one of them"))
+            continue
+        (_, entry), = claimants
+        if entry is not None:
+            (app.registered_groups if hasattr(entry, "typer_instance") else app.registered_commands).append(entry)
 
 
 def build_app(host: PluginHost) -> typer.Typer:
@@ -128,7 +150,8 @@ def build_app(host: PluginHost) -> typer.Typer:
         rich_markup_mode="rich",
     )
     app.callback()(_global_options)
-    _listing_commands(app, host)
+    for add_listing in (_hooks_command, _plugins_command, _backends_command):
+        add_listing(app, host)
     _merge_plugin_commands(app, host)
     return app
 

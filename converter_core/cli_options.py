@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from converter_core.errors import InputError
+from converter_core.options import parse_option_items
 from converter_core.pipeline import ConvertOptions, parse_pass_policy
 
 OutputDir = Annotated[Path, typer.Option("--output", "-o", help="Output directory, replaced atomically.")]
@@ -17,7 +17,8 @@ Backends = Annotated[
 ]
 BackendOptions = Annotated[
     list[str] | None,
-    typer.Option("--backend-option", help="KEY=VALUE for the backends (repeatable), e.g. precision=fp16."),
+    typer.Option("--backend-option", help="KEY=VALUE or BACKEND.KEY=VALUE (repeatable), e.g. tensorrt.precision=fp16; "
+                                          "`convert backends` lists each backend's options."),
 ]
 Passes = Annotated[
     str | None,
@@ -28,22 +29,6 @@ Validate = Annotated[bool, typer.Option("--validate/--no-validate", help="Compar
 RequireValidation = Annotated[
     bool, typer.Option("--require-validation", help="Exit 1 when a backend could not be validated here.")
 ]
-
-
-def parse_backend_options(items: list[str] | None) -> dict[str, Any]:
-    """`KEY=VALUE` strings to a dict; values that read as int or float become numbers."""
-    options: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"bad --backend-option {item!r}: expected KEY=VALUE")
-        for kind in (int, float):
-            try:
-                options[key.strip()] = kind(value)
-                break
-            except ValueError:
-                options[key.strip()] = value.strip()
-    return options
 
 
 def convert_options(
@@ -62,5 +47,5 @@ def convert_options(
         validate=validate,
         atol=atol,
         require_validation=require_validation,
-        backend_options=parse_backend_options(backend_options),
+        backend_options=parse_option_items(backend_options),
     )

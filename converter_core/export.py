@@ -7,13 +7,13 @@ import io
 import logging
 import warnings
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
-from converter_core.errors import ConverterError
+from converter_core.errors import ConverterError, InputError
+from converter_core.graph_files import EXTERNAL_DATA_ABOVE
 from converter_core.specs import ModuleSpec
 
 if TYPE_CHECKING:  # torch is imported where it is used: `convert --help` should not pay for it
@@ -23,6 +23,27 @@ if TYPE_CHECKING:  # torch is imported where it is used: `convert --help` should
 
 class ExportError(ConverterError):
     """The exporter could not turn a wrapper into an ONNX graph, or the graph does not fit its spec."""
+
+
+EXPORT_EXTRA = ("torch", "onnxscript")
+
+
+def require_export_extra(*modules: str) -> None:
+    """Exporting needs torch and friends, which the runtime-only install leaves out: say how to get them."""
+    import importlib.util
+
+    missing = [name for name in (*EXPORT_EXTRA, *modules) if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InputError(
+            f"converting a model needs {', '.join(missing)}, which this install lacks (the base install is the "
+            "torch-free runtime); install the export extra: pip install 'vlm-converter[export]'"
+        )
+
+
+def weight_bytes(wrapper: torch.nn.Module) -> int:
+    """Bytes of the wrapper's parameters and buffers, each shared tensor counted once."""
+    tensors = {id(t): t for t in (*wrapper.parameters(), *wrapper.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _dynamic_shapes(spec: ModuleSpec) -> tuple[dict[int, Dim], ...]:
@@ -47,7 +68,9 @@ def torch_inputs(spec: ModuleSpec, arrays: dict[str, np.ndarray]) -> tuple[torch
     return tuple(torch.from_numpy(np.ascontiguousarray(arrays[t.name])) for t in spec.inputs)
 
 
-def export_with_torch(wrapper: torch.nn.Module, spec: ModuleSpec, path: Path) -> None:
+def export_with_torch(wrapper: torch.nn.Module, spec: ModuleSpec, path: Path,
+                      external_data_above: int = EXTERNAL_DATA_ABOVE) -> None:
+    """Export `wrapper` to `path`; weights over `external_data_above` bytes go to `path.name + ".data"`."""
     import torch
 
     for tensor in spec.inputs:
@@ -71,7 +94,7 @@ def export_with_torch(wrapper: torch.nn.Module, spec: ModuleSpec, path: Path) ->
                 dynamic_shapes=_dynamic_shapes(spec),
                 opset_version=spec.opset,
                 dynamo=True,
-                external_data=False,
+                external_data=weight_bytes(wrapper) > external_data_above,
                 optimize=True,
                 verbose=False,
             )

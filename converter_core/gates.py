@@ -1,12 +1,14 @@
 """Accuracy gates: how much a rewritten graph (quantised, fp16, simplified) may differ from PyTorch.
 
 A model plugin says, per module, which outputs matter and by which metric (`ModuleSpec.gates`);
-passes run the rewritten graph on the PyTorch reference cases and keep it only if every gate holds.
+`converter_core.validate.compare` evaluates them on the graph's outputs for the reference cases.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
 import numpy as np
 
 from converter_core.specs import HIGHER_IS_BETTER, Gate, Metric, ModuleReferences
@@ -32,22 +34,26 @@ def measure(metric: Metric, expected: np.ndarray, actual: np.ndarray) -> float:
 
 @dataclass
 class GateReport:
-    passed: bool
     metrics: dict[str, float] = field(default_factory=dict)  # "output:metric" -> worst value over cases
-    failures: list[str] = field(default_factory=list)
+    failed: list[tuple[Gate, str]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
 
 
-def check_gates(references: ModuleReferences, outputs_per_case: list[dict[str, np.ndarray]]) -> GateReport:
-    """Evaluate the module's gates on the graph's outputs for each reference case (same order)."""
-    report = GateReport(passed=True)
-    for gate in references.spec.gates:
+def check_gates(gates: Sequence[Gate], references: ModuleReferences,
+                outputs_per_case: list[dict[str, np.ndarray]]) -> GateReport:
+    """Evaluate `gates` on the graph's outputs for each reference case (same order). A NaN metric
+    (NaN in an output) fails its gate."""
+    report = GateReport()
+    for gate in gates:
         key = f"{gate.output}:{gate.metric}"
         values = [measure(gate.metric, ref.outputs[gate.output], got[gate.output])
                   for ref, got in zip(references.cases, outputs_per_case)]
-        worst = min(values) if HIGHER_IS_BETTER[gate.metric] else max(values)
+        worst = float("nan") if any(np.isnan(values)) else (min(values) if HIGHER_IS_BETTER[gate.metric] else max(values))
         report.metrics[key] = worst
         if not gate.holds(worst):
-            report.passed = False
             op = ">=" if HIGHER_IS_BETTER[gate.metric] else "<="
-            report.failures.append(f"{key} = {worst:.6g}, needs {op} {gate.threshold:g}")
+            report.failed.append((gate, f"{key} = {worst:.6g}, needs {op} {gate.threshold:g}"))
     return report

@@ -1,7 +1,7 @@
 """Every hook of vlm-converter. Plugins implement them with `@converter_core.hookimpl`.
 
 The stages, in the order the pipeline calls them: split -> wrap -> export -> passes -> backend
-prepare -> backend validate. The `converter_register_*` hooks are called once when the CLI or the
+tasks -> backend prepare -> backend validate. The `converter_register_*` hooks are called once when the CLI or the
 pipeline starts and hand the plugin a callback; a name registered twice is an error naming both plugins.
 """
 
@@ -67,6 +67,18 @@ def converter_register_backends(register: Callable[[Backend], None]) -> None:
 
     Called once per run and by `convert backends`. A backend prepares artifacts from the exported
     graphs and validates them (see `converter_core.extension.Backend`). Every implementation is called.
+    """
+
+
+@hookspec(firstresult=True)
+def converter_backend_tasks(backend: str, model_type: str) -> object | None:
+    """Give a serving backend the model family's task layer: the code that turns requests into graph runs.
+
+    Called once per backend of a conversion, before it prepares. Backends that serve whole tasks
+    rather than single graphs ask for it (the `triton` backend for the Python models that run a
+    decoding loop, the `web` backend for the browser runtime); what the object must offer is the
+    backend's to define (see its module). The answer reaches the backend as `context.tasks`. Return
+    None for a backend or model type the plugin does not serve. The first non-None answer wins.
     """
 
 

@@ -6,18 +6,17 @@ Other tools read it, so its layout is versioned by `FORMAT_VERSION`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import math
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from converter_core.output import MANIFEST_NAME
-
-if TYPE_CHECKING:
-    from converter_core.pipeline import ConversionResult
+from converter_core.specs import ConversionResult
 
 FORMAT_VERSION = 1
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxruntime-openvino", "onnxruntime-gpu", "onnxscript",
@@ -52,7 +51,10 @@ def manifest_dict(result: ConversionResult) -> dict[str, Any]:
             "opset": record.spec.opset,
             "inputs": [t.to_json() for t in record.spec.inputs],
             "outputs": [t.to_json() for t in record.spec.outputs],
+            "data_files": [{"file": file, "sha256": digest} for file, digest in record.data_files.items()],
             "validation": dataclasses.asdict(record.validation),
+            **({"export_validation": dataclasses.asdict(record.export_validation)}
+               if record.export_validation is not None else {}),
             "passes": [dataclasses.asdict(report) for report in record.passes],
         }
     backends = {
@@ -62,6 +64,7 @@ def manifest_dict(result: ConversionResult) -> dict[str, Any]:
             "plugin": record.plugin,
             "available": record.availability.available,
             "availability": record.availability.reason,
+            "options": record.options,
             "files": record.artifacts.files,
             "config": record.artifacts.config,
             "details": record.validation.details,
@@ -79,7 +82,7 @@ def manifest_dict(result: ConversionResult) -> dict[str, Any]:
         "modules": modules,
         "not_exported": plan.not_exported,
         **plan.metadata,
-        "assets": sorted(plan.assets),
+        "assets": {name: hashlib.sha256(content).hexdigest() for name, content in sorted(plan.assets.items())},
         "backends": backends,
     }
 

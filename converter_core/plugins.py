@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pluggy
 
 from converter_core import ENTRY_POINT_GROUP, PROJECT_NAME, hookspecs
-from converter_core.errors import PluginError
+from converter_core.errors import ConverterError, PluginError
 from converter_core.extension import Backend, GraphPass
 
 
@@ -35,7 +37,7 @@ class PluginFailure:
     detail: str = ""
 
     def message(self) -> str:
-        return f"plugin {self.name!r} ({self.entry_point}, from {self.distribution}) not loaded: {self.error}"
+        return f"plugin {self.name!r} ({self.entry_point}, from {self.distribution}) {self.error}"
 
 
 @dataclass
@@ -55,6 +57,36 @@ class PluginHost:
         info = next((p for p in self.plugins if p.name == name), None)
         return f"{name} ({info.distribution})" if info else str(name)
 
+    def call_first(self, hook_name: str, **kwargs: Any) -> Any:
+        """A `firstresult` hook, called implementation by implementation as pluggy would (last
+        registered first), so that one that raises is named (see `blame`)."""
+        for impl in reversed(getattr(self.hook, hook_name).get_hookimpls()):
+            with blame(self.plugin_label(impl.plugin), hook_name):
+                answer = impl.function(**{name: kwargs[name] for name in impl.argnames})
+            if answer is not None:
+                return answer
+        return None
+
+
+OWN_DISTRIBUTION = "vlm-converter"
+
+
+@contextlib.contextmanager
+def blame(label: str, what: str) -> Iterator[None]:
+    """Run plugin code; an unexpected exception from a third-party plugin becomes a PluginError naming
+    the plugin and what it was doing (exit 2: a broken install, not our bug). The converter's own
+    errors (bad input, failed checks) and our own plugins' bugs pass through as they are."""
+    try:
+        yield
+    except (ConverterError, KeyboardInterrupt, MemoryError):
+        raise
+    except BaseException as exc:
+        if f"({OWN_DISTRIBUTION})" in label and not isinstance(exc, SystemExit):
+            raise
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise PluginError(f"plugin {label} failed in {what}: {type(exc).__name__}"
+                          + (f": {detail}" if detail else "")) from exc
+
 
 def _distribution_of(entry_point: importlib.metadata.EntryPoint) -> tuple[str, str]:
     dist = entry_point.dist
@@ -72,9 +104,9 @@ def load_plugins(group: str = ENTRY_POINT_GROUP) -> PluginHost:
     for entry_point in entry_points:
         distribution, version = _distribution_of(entry_point)
 
-        def fail(error: str, detail: str = "") -> None:
+        def fail(error: str, detail: str = "", entry_point=entry_point, distribution=distribution) -> None:
             host.failures.append(
-                PluginFailure(entry_point.name, distribution, entry_point.value, error, detail)
+                PluginFailure(entry_point.name, distribution, entry_point.value, f"not loaded: {error}", detail)
             )
 
         if manager.has_plugin(entry_point.name):
@@ -82,7 +114,7 @@ def load_plugins(group: str = ENTRY_POINT_GROUP) -> PluginHost:
             continue
         try:
             plugin = entry_point.load()
-        except Exception as exc:  # a plugin's import error must not take the CLI down
+        except BaseException as exc:  # noqa: BLE001 - not even sys.exit() or Ctrl-C in an import may end the CLI
             fail(f"import failed: {type(exc).__name__}: {exc}", traceback.format_exc())
             continue
         try:
@@ -112,8 +144,12 @@ def get_plugin_manager() -> PluginHost:
 T = TypeVar("T")
 
 
-def _collect(host: PluginHost, hook_name: str, kind: str) -> dict[str, tuple[T, str]]:
-    """Call every implementation of a `register` hook; map each registered name to (object, plugin)."""
+def _collect(host: PluginHost, hook_name: str, kind: str, strict: bool) -> dict[str, tuple[T, str]]:
+    """Call every implementation of a `register` hook; map each registered name to (object, plugin).
+
+    A name registered twice is a PluginError naming both plugins; with `strict` False (listings, so
+    that the user can still see what is installed) the first registration stays and the clash is
+    recorded among `host.failures`."""
     found: dict[str, tuple[T, str]] = {}
     for impl in getattr(host.hook, hook_name).get_hookimpls():
         label = host.plugin_label(impl.plugin)
@@ -123,22 +159,25 @@ def _collect(host: PluginHost, hook_name: str, kind: str) -> dict[str, tuple[T, 
             if not isinstance(name, str) or not name:
                 raise PluginError(f"plugin {_label} registered a {kind} without a name: {item!r}")
             if name in found:
-                raise PluginError(
-                    f"two plugins register the {kind} {name!r}: {found[name][1]} and {_label}; "
-                    "uninstall one of them"
-                )
+                message = (f"two plugins register the {kind} {name!r}: {found[name][1]} and {_label}; "
+                           "uninstall one of them")
+                if strict:
+                    raise PluginError(message)
+                host.failures.append(PluginFailure(_label, _label, hook_name, f"clashes: {message}"))
+                return
             found[name] = (item, _label)
 
-        impl.function(register=register)
+        with blame(label, hook_name):
+            impl.function(register=register)
     return found
 
 
-def collect_backends(host: PluginHost) -> dict[str, tuple[Backend, str]]:
-    return _collect(host, "converter_register_backends", "backend")
+def collect_backends(host: PluginHost, strict: bool = True) -> dict[str, tuple[Backend, str]]:
+    return _collect(host, "converter_register_backends", "backend", strict)
 
 
-def collect_passes(host: PluginHost) -> dict[str, tuple[GraphPass, str]]:
-    return _collect(host, "converter_register_passes", "pass")
+def collect_passes(host: PluginHost, strict: bool = True) -> dict[str, tuple[GraphPass, str]]:
+    return _collect(host, "converter_register_passes", "pass", strict)
 
 
 def hook_descriptions() -> dict[str, str]:

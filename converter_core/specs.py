@@ -1,17 +1,21 @@
 """The plain typed values the pipeline stages hand each other.
 
-source model -> SplitPlan(ModuleSpec...) -> wrappers -> ExportedModule -> PassReport -> BackendArtifacts
--> BackendValidation -> manifest. Each value is written once by one stage and only read downstream.
-Arrays are numpy so that everything after the wrapper stage can be read without torch.
+source model -> SplitPlan(ModuleSpec...) -> wrappers -> ExportedModule -> PassReport -> final
+ModuleValidation -> BackendArtifacts -> BackendValidation -> ConversionResult -> manifest. Each value is
+written once by one stage and only read downstream. Arrays are numpy so that everything after the
+wrapper stage can be read without torch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from converter_core.errors import CheckFailed
 
 Status = Literal["passed", "failed", "skipped"]
 Metric = Literal["cosine", "max_abs", "argmax_agreement"]
@@ -78,16 +82,6 @@ class ModuleSpec:
     axis_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     # What a rewritten graph (quantised, fp16) must keep; see converter_core.gates.
     gates: tuple[Gate, ...] = ()
-    # Realistic inputs for static quantisation (made from real images and texts by the model
-    # plugin); empty when the source offers none.
-    calibration: list[ShapeCase] = field(default_factory=list)
-
-    @property
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {
-            tensor.name: {i: dim for i, dim in enumerate(tensor.shape) if isinstance(dim, str)}
-            for tensor in (*self.inputs, *self.outputs)
-        }
 
 
 @dataclass
@@ -103,7 +97,11 @@ class SplitPlan:
 
     `metadata` is JSON-ready and goes into the manifest as it is (a captioning model puts its
     preprocessing, special tokens and generation defaults there). `assets` are extra files, by
-    relative path, that the output directory needs to be usable (tokenizer files).
+    relative path, that the output directory needs to be usable (tokenizer files). `inputs` are the
+    files the source was read from: a run never writes over or deletes them.
+
+    `calibration`, when the source can offer realistic inputs for static quantisation, makes them
+    for the named modules; the pipeline calls it only when a requested pass `needs_calibration`.
     """
 
     model_type: str
@@ -112,12 +110,18 @@ class SplitPlan:
     not_exported: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     assets: dict[str, bytes] = field(default_factory=dict)
+    inputs: tuple[Path, ...] = ()
+    calibration: Callable[[Sequence[str]], dict[str, list[ShapeCase]]] | None = None
 
 
 @dataclass
 class ExportedModule:
+    """A graph on disk: `path`, and the external-data files beside it that hold its weights (names
+    relative to `path`'s folder; empty when the weights are inside the graph file)."""
+
     spec: ModuleSpec
     path: Path
+    data_files: tuple[str, ...] = ()
 
 
 @dataclass
@@ -133,12 +137,24 @@ class OutputCheck:
 
 @dataclass
 class ModuleValidation:
+    """One graph file compared with PyTorch. `sha256` is the file that was compared and `after_pass`
+    the pass that wrote it (None: the export itself), so a record always says what it proves."""
+
     status: Status
     atol: float
     cases: list[str]
     outputs: dict[str, OutputCheck] = field(default_factory=dict)
     reason: str | None = None
     gates: dict[str, float] | None = None  # "output:metric" -> worst value, where judged by gates
+    rtol: float = 0.0
+    failures: list[str] = field(default_factory=list)
+    sha256: str | None = None
+    after_pass: str | None = None
+    providers: list[str] = field(default_factory=list)  # ONNX Runtime execution providers it ran on
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((check.max_abs_diff for check in self.outputs.values()), default=0.0)
 
 
 @dataclass
@@ -159,6 +175,23 @@ class ModuleReferences:
     # True once a kept pass changed the numbers on purpose (quantisation, fp16): the graph is then
     # judged against PyTorch by `spec.gates`, as that pass was, and no longer by `atol`.
     by_gates: bool = False
+    # Realistic inputs for passes that `needs_calibration`, from the split plan; empty otherwise.
+    calibration: list[ShapeCase] = field(default_factory=list)
+
+
+@dataclass
+class GraphSnapshot:
+    """A graph as a pass report records it: size, ONNX Runtime CPU latency, accuracy against PyTorch."""
+
+    nodes: int
+    bytes: int
+    weight_bytes: int
+    op_types: dict[str, int]
+    latency_ms: float | None
+    threads: int | str
+    metrics: dict[str, float] = field(default_factory=dict)  # gate metrics, "output:metric" -> worst value
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+    latency_error: str | None = None  # why the latency is unknown
 
 
 @dataclass
@@ -169,8 +202,8 @@ class PassReport:
     module: str
     kept: bool
     reason: str
-    before: dict[str, Any] = field(default_factory=dict)  # e.g. nodes, bytes, latency_ms
-    after: dict[str, Any] = field(default_factory=dict)
+    before: GraphSnapshot | None = None
+    after: GraphSnapshot | None = None
     details: dict[str, Any] = field(default_factory=dict)
     # The pass changes the numbers on purpose (quantisation, fp16) and was judged by the module's
     # gates; False: it claims to keep them within the validation tolerance (fusion, onnxsim).
@@ -181,6 +214,16 @@ class PassReport:
 class Availability:
     available: bool
     reason: str  # why not, or what it will run on
+
+
+@dataclass
+class BackendContext:
+    """What a backend may know of the model besides its graphs: the family, the split plan's manifest
+    metadata, and the family's task layer for this backend (`converter_backend_tasks`), if any."""
+
+    model_type: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    tasks: object | None = None
 
 
 @dataclass
@@ -199,3 +242,39 @@ class BackendValidation:
     status: Status
     reason: str
     details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModuleRecord:
+    """One graph of the output as the manifest records it: its file, and its final validation."""
+
+    spec: ModuleSpec
+    file: str
+    sha256: str
+    validation: ModuleValidation
+    passes: list[PassReport] = field(default_factory=list)
+    data_files: dict[str, str] = field(default_factory=dict)  # external-data file -> sha256
+    export_validation: ModuleValidation | None = None  # of the exported graph, where a pass then changed it
+
+
+@dataclass
+class BackendRecord:
+    name: str
+    plugin: str
+    availability: Availability
+    artifacts: BackendArtifacts
+    validation: BackendValidation
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ConversionResult:
+    output_dir: Path
+    plan: SplitPlan
+    modules: dict[str, ModuleRecord]
+    backends: dict[str, BackendRecord]
+    failures: list[CheckFailed]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failures else 0

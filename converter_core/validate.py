@@ -1,9 +1,15 @@
-"""Comparing ONNX graphs with PyTorch on named outputs, case by case."""
+"""The one comparison engine: ONNX graphs against PyTorch, output by output, case by case.
+
+The pipeline, every pass and every backend judge a graph here, under a `Policy`: differences within
+`atol + rtol * |PyTorch|` (a graph that claims to keep the numbers), the module's gates (a graph
+that a quantising pass changed on purpose), or both. Differences are always recorded.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,9 +17,8 @@ import numpy as np
 import onnxruntime as ort
 
 from converter_core.errors import CheckFailed
-from converter_core.export import torch_inputs
 from converter_core.gates import check_gates
-from converter_core.specs import ModuleReferences, ModuleSpec, ModuleValidation, OutputCheck, Reference
+from converter_core.specs import Gate, ModuleReferences, ModuleSpec, ModuleValidation, OutputCheck, Reference
 
 if TYPE_CHECKING:
     import torch
@@ -24,9 +29,19 @@ Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 class ValidationFailed(CheckFailed):
     """An output differs from PyTorch beyond tolerance, or has another shape."""
 
-    def __init__(self, module: str, output: str, case: str, detail: str) -> None:
-        self.module, self.output, self.case = module, output, case
-        super().__init__(f"{module}: output {output!r} at {case}: {detail}")
+    def __init__(self, module: str, output: str, case: str, detail: str, after_pass: str | None = None) -> None:
+        self.module, self.output, self.case, self.detail, self.after_pass = module, output, case, detail, after_pass
+        following = f" after pass {after_pass}" if after_pass else ""
+        super().__init__(f"{module}{following}: output {output!r} at {case}: {detail}")
+
+    def following(self, pass_name: str) -> ValidationFailed:
+        """The same failure, saying that the graph it is about was written by `pass_name`."""
+        return type(self)(self.module, self.output, self.case, self.detail, pass_name)
+
+    @property
+    def short(self) -> str:
+        """The failure without the module's name, as a list of one module's problems says it."""
+        return f"{self.output} at {self.case}: {self.detail}"
 
 
 class OutputMismatch(ValidationFailed):
@@ -37,8 +52,59 @@ class ShapeMismatch(ValidationFailed):
     pass
 
 
+class GraphUnusable(ValidationFailed):
+    """ONNX Runtime cannot load or run the graph at all."""
+
+    @property
+    def short(self) -> str:
+        return self.detail
+
+
+GATE_FAILED = "gate failed: "
+
+
+class GateFailed(ValidationFailed):
+    """A gate metric over all cases misses its threshold (`detail` says which and by how much)."""
+
+    @property
+    def short(self) -> str:
+        return self.detail.removeprefix(GATE_FAILED)
+
+
+class NonFiniteWeights(ValidationFailed):
+    """A weight of the graph holds NaN or Inf (`output` names the tensors)."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a graph is judged: every output within `atol + rtol * |PyTorch|` (when `tolerance`), and
+    every one of `gates` (over all cases at once)."""
+
+    atol: float
+    rtol: float = 0.0
+    gates: tuple[Gate, ...] = ()
+    tolerance: bool = True
+
+    @classmethod
+    def of(cls, references: ModuleReferences, *, keeps_numbers: bool | None = None,
+           atol: float | None = None, rtol: float = 0.0) -> Policy:
+        """The policy for `references`: by the gates once a kept pass changed the numbers (or for a
+        rewrite that may: `keeps_numbers=False`), else by the tolerance. A rewrite that claims to keep
+        the numbers (`keeps_numbers=True`) must meet both. A module without gates is always held to
+        the tolerance. `atol` raises the module's tolerance (a backend's own numerics)."""
+        gates, tolerance_atol = references.spec.gates, max(references.atol, atol or 0.0)
+        if keeps_numbers is None:  # a graph on its way out: as the last kept pass left it
+            by_gates = references.by_gates and bool(gates)
+            return cls(tolerance_atol, rtol, gates if by_gates else (), tolerance=not by_gates)
+        if keeps_numbers:
+            return cls(tolerance_atol, rtol, gates, tolerance=True)
+        return cls(tolerance_atol, rtol, gates, tolerance=not gates)
+
+
 def torch_references(wrapper: torch.nn.Module, spec: ModuleSpec, atol: float) -> ModuleReferences:
     import torch
+
+    from converter_core.export import torch_inputs
 
     references = []
     with torch.no_grad():
@@ -67,62 +133,97 @@ class OrtRunner:
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
 
 
-def compare(references: ModuleReferences, run: Runner) -> tuple[ModuleValidation, ValidationFailed | None]:
-    """Run every reference case and record, per output, the largest differences over all cases.
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
 
-    The relative difference is |a - b| / max(|b|, atol) so that values near zero do not make it
-    meaningless. The first failure is kept as `reason` and as the error `raise_if_failed` raises.
-    Where `references.by_gates` (a kept pass quantised the graph), the differences are still
-    recorded but the module's gates decide, over all cases at once.
-    """
-    spec, atol = references.spec, references.atol
-    by_gates = references.by_gates and bool(spec.gates)
+
+def _differences(got: np.ndarray, expected: np.ndarray, policy: Policy) -> tuple[float, float, bool]:
+    """Largest absolute and relative difference, and whether every element is within tolerance.
+
+    The relative difference is |a - b| / max(|b|, atol), so that values near zero do not make it
+    meaningless. Any NaN or inf in the difference is an infinite difference."""
+    expected64 = expected.astype(np.float64)
+    diff = np.abs(got.astype(np.float64) - expected64)
+    if diff.size == 0:
+        return 0.0, 0.0, True
+    if not np.isfinite(diff).all():
+        return math.inf, math.inf, False
+    within = bool((diff <= policy.atol + policy.rtol * np.abs(expected64)).all())
+    return float(diff.max()), float((diff / np.maximum(np.abs(expected64), policy.atol)).max()), within
+
+
+def _check_output(check: OutputCheck, got: np.ndarray, expected: np.ndarray, policy: Policy, module: str,
+                  case: str) -> list[ValidationFailed]:
+    """Record one output of one case in `check`; the failure it is, if any."""
+    check.shapes.append(list(got.shape))
+    if got.shape != expected.shape:
+        check.passed = False
+        return [ShapeMismatch(module, check.name, case, f"shape {list(got.shape)}, PyTorch gives {list(expected.shape)}")]
+    max_abs, max_rel, within = _differences(got, expected, policy)
+    check.max_abs_diff = max(check.max_abs_diff, max_abs)
+    check.max_rel_diff = max(check.max_rel_diff, max_rel)
+    if not policy.tolerance or within:
+        return []
+    check.passed = False
+    rtol = f" + rtol {policy.rtol:g} * |PyTorch|" if policy.rtol else ""
+    return [OutputMismatch(module, check.name, case,
+                           f"max abs diff {max_abs:.3g} > tolerance {policy.atol:g}{rtol} (shape {list(got.shape)})")]
+
+
+def compare(references: ModuleReferences, run: Runner, policy: Policy | None = None,
+            ) -> tuple[ModuleValidation, ValidationFailed | None]:
+    """Run every reference case, record per output the largest differences, and judge by `policy`
+    (default: `Policy.of(references)`). Returns the record and the first failure, if any."""
+    policy = policy or Policy.of(references)
+    spec = references.spec
     checks = {t.name: OutputCheck(t.name, 0.0, 0.0, [], True) for t in spec.outputs}
-    first_failure: ValidationFailed | None = None
+    failures: list[ValidationFailed] = []
     outputs_per_case = []
     for reference in references.cases:
-        actual = run(reference.case.inputs)
+        try:
+            actual = run(reference.case.inputs)
+        except Exception as exc:  # an op without a kernel, a broken rewrite: the graph is unusable
+            failures.append(GraphUnusable(spec.name, "*", reference.case.label, f"ONNX Runtime fails: {_first_line(exc)}"))
+            break
         outputs_per_case.append(actual)
         for name, expected in reference.outputs.items():
-            check = checks[name]
-            got = actual[name]
-            check.shapes.append(list(got.shape))
-            if got.shape != expected.shape:
-                check.passed = False
-                first_failure = first_failure or ShapeMismatch(
-                    spec.name, name, reference.case.label, f"shape {list(got.shape)}, PyTorch gives {list(expected.shape)}"
-                )
-                continue
-            diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
-            if diff.size == 0:
-                continue
-            max_abs = float(diff.max()) if np.isfinite(diff).all() else math.inf
-            max_rel = float((diff / np.maximum(np.abs(expected), atol)).max()) if max_abs < math.inf else math.inf
-            check.max_abs_diff = max(check.max_abs_diff, max_abs)
-            check.max_rel_diff = max(check.max_rel_diff, max_rel)
-            if not max_abs <= atol and not by_gates:
-                check.passed = False
-                first_failure = first_failure or OutputMismatch(
-                    spec.name, name, reference.case.label,
-                    f"max abs diff {max_abs:.3g} > tolerance {atol:g} (shape {list(got.shape)})",
-                )
+            failures += _check_output(checks[name], actual[name], expected, policy, spec.name, reference.case.label)
     gate_metrics = None
-    if by_gates and first_failure is None:
-        report = check_gates(references, outputs_per_case)
+    if policy.gates and len(outputs_per_case) == len(references.cases) and not any(
+            isinstance(f, ShapeMismatch) for f in failures):
+        report = check_gates(policy.gates, references, outputs_per_case)
         gate_metrics = report.metrics
-        if not report.passed:
-            failing = next(g for g in spec.gates if not g.holds(report.metrics[f"{g.output}:{g.metric}"]))
-            first_failure = OutputMismatch(spec.name, failing.output, f"its {len(references.cases)} cases",
-                                           "gate failed: " + "; ".join(report.failures))
+        for gate, message in report.failed:
+            failures.append(GateFailed(spec.name, gate.output, f"its {len(references.cases)} cases", GATE_FAILED + message))
     validation = ModuleValidation(
-        status="failed" if first_failure else "passed",
-        atol=atol,
+        status="failed" if failures else "passed",
+        atol=policy.atol,
+        rtol=policy.rtol,
         cases=[r.case.label for r in references.cases],
         outputs=checks,
-        reason=str(first_failure) if first_failure else None,
+        reason=str(failures[0]) if failures else None,
         gates=gate_metrics,
+        failures=[f.short for f in failures],
     )
-    return validation, first_failure
+    return validation, failures[0] if failures else None
+
+
+def compare_file(references: ModuleReferences, path: Path, policy: Policy | None = None,
+                 providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",),
+                 options: ort.SessionOptions | None = None) -> tuple[ModuleValidation, ValidationFailed | None]:
+    """`compare` on the graph file at `path`; a file ONNX Runtime cannot load is a failed validation."""
+    try:
+        run = OrtRunner(path, providers, options)
+    except Exception as exc:  # unloadable: the record says so instead of the run crashing
+        failure = GraphUnusable(references.spec.name, "*", "load", f"ONNX Runtime cannot load {path.name}: "
+                                f"{_first_line(exc)}")
+        policy = policy or Policy.of(references)
+        return ModuleValidation("failed", policy.atol, [], reason=str(failure), rtol=policy.rtol,
+                                failures=[failure.short]), failure
+    validation, failure = compare(references, run, policy)
+    validation.providers = run.providers
+    return validation, failure
 
 
 def validation_record(validation: ModuleValidation) -> dict[str, Any]:
@@ -130,8 +231,33 @@ def validation_record(validation: ModuleValidation) -> dict[str, Any]:
     the gate metrics where the module was judged by its gates."""
     return {
         "status": validation.status,
-        "max_abs_diff": max((c.max_abs_diff for c in validation.outputs.values()), default=0.0),
+        "max_abs_diff": validation.max_abs_diff,
         "atol": validation.atol,
+        **({"rtol": validation.rtol} if validation.rtol else {}),
         **({"judged_by_gates": validation.gates} if validation.gates is not None else {}),
     }
 
+
+def nonfinite_weights(path: Path) -> list[str]:
+    """Names of the graph's weights (initializers, Constant tensors) that hold a NaN or an Inf.
+
+    Validation inputs reach only part of a model (a position-embedding row beyond the lengths tried
+    is never read), so every weight is checked, external data included."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=True)
+    tensors = [(t.name, t) for t in model.graph.initializer]
+    for node in model.graph.node:
+        tensors += [(f"{node.name or node.op_type}.{a.name}", a.t) for a in node.attribute
+                    if a.type == onnx.AttributeProto.TENSOR]
+    bad = []
+    for name, tensor in tensors:
+        if tensor.data_type not in FLOAT_TYPES:
+            continue
+        if not np.isfinite(np.asarray(numpy_helper.to_array(tensor), dtype=np.float32)).all():
+            bad.append(name)
+    return bad
+
+
+FLOAT_TYPES = {1, 10, 11, 16}  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16

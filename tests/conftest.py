@@ -46,3 +46,18 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
         [sys.executable, "-m", "converter_core", *args],
         capture_output=True, text=True, cwd=cwd, timeout=600, env={**os.environ, "COLUMNS": "200"},
     )
+
+
+def prepare(backend, modules, out_dir: Path, options: dict | None = None):
+    """`backend.prepare` as the pipeline calls it: options typed by the backend's own dataclass."""
+    from converter_core.options import resolve_backend_options
+    from converter_core.specs import BackendContext
+
+    typed = resolve_backend_options({backend.name: backend.options_type}, options or {})[backend.name]
+    return backend.prepare(modules, out_dir, typed, BackendContext("test"))
+
+
+def validate(backend, artifacts, out_dir: Path, references):
+    from converter_core.specs import BackendContext
+
+    return backend.validate(artifacts, out_dir, references, BackendContext("test"))

@@ -60,6 +60,8 @@ def test_convert_toy_with_the_cli_writes_verified_graphs_and_a_manifest(toy, tmp
         **manifest["backends"]["toy-remote"],
         "status": "skipped", "reason": "no toy accelerator is attached to this machine", "available": False,
     }
+    # The backend got the toy plugin's task layer through `converter_backend_tasks`.
+    assert manifest["backends"]["toy-remote"]["config"]["task"].startswith("classify token features into 3 classes")
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["libraries"])
 
     # The graphs run on sizes the export never saw and agree with the model computed by hand.
@@ -185,3 +187,16 @@ def test_bad_names_are_input_errors(toy, tmp_path: Path):
         convert(toy.ToyModel(0), ConvertOptions(tmp_path / "o", passes=parse_pass_policy("decoder=toy-identity")), load_plugins())
     with pytest.raises(InputError, match="no installed plugin can split a str"):
         convert("not a model", ConvertOptions(tmp_path / "o"), load_plugins())
+
+
+def test_a_pass_that_needs_calibration_gets_the_plans_inputs_and_no_other_pass_makes_them(toy, tmp_path: Path):
+    toy.CALIBRATION_CALLS.clear()
+    policy = parse_pass_policy("head=toy-calibrated,encoder=toy-identity")
+    result = convert(toy.ToyModel(0), ConvertOptions(tmp_path / "a", passes=policy), load_plugins())
+    (probe,) = result.modules["head"].passes
+    assert probe.details == {"calibration_cases": 4, "labels": ["batch=2 tokens=4"] * 4}
+    assert toy.CALIBRATION_CALLS == [("head",)]  # asked once, for the module the static pass runs on
+
+    toy.CALIBRATION_CALLS.clear()
+    convert(toy.ToyModel(0), ConvertOptions(tmp_path / "b", passes=parse_pass_policy("toy-identity")), load_plugins())
+    assert toy.CALIBRATION_CALLS == []

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from converter_core import hookspecs
+from converter_core.errors import PluginError
 from converter_core.plugins import load_plugins
 from tests.conftest import REPO, run_cli
 
@@ -63,19 +66,25 @@ def test_a_plugin_with_an_unknown_hook_is_refused_by_name(plugin_site):
     assert [b["name"] for b in json.loads(result.stdout)] == ["cpu", "mobile", "tensorrt"]
 
 
-def test_two_plugins_with_the_same_backend_or_command_name_is_an_error_naming_both(plugin_site):
+def test_two_plugins_with_the_same_backend_or_command_name_is_an_error_naming_both(plugin_site, tmp_path):
     plugin_site("toy_vlm_plugin", "toy-vlm-plugin", "toy")
     plugin_site("clashing_plugin", "clashing-plugin", "clashing")
 
+    # The listing still works, so the user can find the culprit, and names both sides of each clash.
     result = run_cli("backends")
-    assert result.returncode == 2
+    assert result.returncode == 0, result.stderr
     message = " ".join(result.stderr.split())
-    assert "two plugins register the command 'toy'" in message
-    assert "toy (toy-vlm-plugin)" in message and "clashing (clashing-plugin)" in message
+    assert "the command 'toy' is claimed by clashing (clashing-plugin) and toy (toy-vlm-plugin)" in message
+    assert "two plugins register the backend 'cpu': backends (vlm-converter) and clashing (clashing-plugin)" in message
     assert "Traceback" not in result.stderr
-
+    # Neither claimant of a command wins; asking for the contested backend is refused, naming both.
+    assert run_cli("toy", "-o", str(tmp_path / "out")).returncode == 2
     host = load_plugins()
-    from converter_core.errors import PluginError
+    from converter_core.pipeline import ConvertOptions, convert
+
+    with pytest.raises(PluginError, match="two plugins register the backend 'cpu'"):
+        convert(object(), ConvertOptions(tmp_path / "out", backends=("cpu",)), host)
+
     from converter_core.plugins import collect_backends
 
     try:

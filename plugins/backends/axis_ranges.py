@@ -1,20 +1,22 @@
 """The sizes a backend compiles a module for: (min, opt, max) per dynamic input axis.
 
 Both compiled backends need them: `tensorrt` builds an optimisation profile from the whole range,
-`mobile` fixes every axis to one size. The backend option `axis_ranges` ({axis: (min, opt, max)}
-from Python, `--backend-option axis_ranges.AXIS=MIN,OPT,MAX` from the command line) overrides the
+`mobile` fixes every axis to one size. Their option `axis_ranges` ({axis: (min, opt, max)} from
+Python, `--backend-option axis_ranges.AXIS=MIN,OPT,MAX` from the command line) overrides the
 module spec's `axis_ranges`; an axis in neither is an input error naming the module and the axis,
 since guessing a size the model was never meant to serve would hide the mistake.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from converter_core.errors import InputError
 from converter_core.specs import ModuleSpec
 
 Range = tuple[int, int, int]
+AXIS_RANGES_HELP = "AXIS -> MIN,OPT,MAX: the sizes to build for, instead of the module's own ranges"
 
 
 def input_axes(spec: ModuleSpec) -> list[str]:
@@ -25,14 +27,6 @@ def input_axes(spec: ModuleSpec) -> list[str]:
             if isinstance(dim, str):
                 names.setdefault(dim)
     return list(names)
-
-
-def per_axis_option(options: dict[str, Any], name: str) -> dict[str, Any]:
-    """Option `name` as a dict ({axis: value}, from Python) merged with flat `name.AXIS` keys (from the CLI)."""
-    values = dict(options.get(name) or {})
-    prefix = f"{name}."
-    values.update({key[len(prefix):]: value for key, value in options.items() if key.startswith(prefix)})
-    return values
 
 
 def _checked(spec: ModuleSpec, axis: str, value: Any, origin: str) -> Range:
@@ -52,9 +46,8 @@ def _checked(spec: ModuleSpec, axis: str, value: Any, origin: str) -> Range:
     return low, opt, high
 
 
-def axis_range(spec: ModuleSpec, axis: str, options: dict[str, Any], backend: str) -> tuple[Range, str]:
-    """(min, opt, max) of one axis and where it came from: "option" or "spec"."""
-    overrides = per_axis_option(options, "axis_ranges")
+def axis_range(spec: ModuleSpec, axis: str, overrides: Mapping[str, Range], backend: str) -> tuple[Range, str]:
+    """(min, opt, max) of one axis and where it came from: "option" (`overrides`) or "spec"."""
     if axis in overrides:
         return _checked(spec, axis, overrides[axis], "backend option axis_ranges"), "option"
     if axis in spec.axis_ranges:
@@ -66,9 +59,9 @@ def axis_range(spec: ModuleSpec, axis: str, options: dict[str, Any], backend: st
     )
 
 
-def axis_ranges(spec: ModuleSpec, options: dict[str, Any], backend: str) -> dict[str, tuple[Range, str]]:
+def axis_ranges(spec: ModuleSpec, overrides: Mapping[str, Range], backend: str) -> dict[str, tuple[Range, str]]:
     """Every dynamic input axis of `spec` with its (min, opt, max) and where that range came from."""
-    return {axis: axis_range(spec, axis, options, backend) for axis in input_axes(spec)}
+    return {axis: axis_range(spec, axis, overrides, backend) for axis in input_axes(spec)}
 
 
 def shape_at(spec_shape: tuple[int | str, ...], sizes: dict[str, int]) -> list[int]:

@@ -11,14 +11,22 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 
 from converter_core.extension import Backend
-from converter_core.specs import Availability, BackendArtifacts, BackendValidation, ExportedModule, ModuleReferences
-from converter_core.validate import OrtRunner, compare, validation_record
+from converter_core.specs import (
+    Availability,
+    BackendArtifacts,
+    BackendContext,
+    BackendValidation,
+    ExportedModule,
+    ModuleReferences,
+)
+from converter_core.validate import compare_file, validation_record
 
 ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-openvino", "onnxruntime-gpu", "onnxruntime-training")
 PREFERRED_PROVIDERS = ("DnnlExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider")
@@ -60,33 +68,55 @@ def session_options(threads: int | None, level: str = "ORT_ENABLE_EXTENDED") -> 
     return options
 
 
+@dataclass(frozen=True)
+class CpuOptions:
+    threads: int = field(default=0, metadata={"help": "intra-op threads; 0 lets ONNX Runtime choose"})
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+
+
+def save_optimized(source: ExportedModule, target: Path, options: ort.SessionOptions) -> None:
+    """ONNX Runtime's optimised graph of `source` at `target`, its weights in `target.data` where the
+    source keeps them outside the graph."""
+    options.optimized_model_filepath = str(target)
+    if source.data_files:
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         target.name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    # Optimising with the default CPU EP keeps the saved graph loadable by every CPU EP.
+    ort.InferenceSession(str(source.path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
 class CpuBackend(Backend):
     name = "cpu"
     description = "ONNX Runtime on CPU: oneDNN (DNNL or OpenVINO EP) where installed, else the default CPU EP"
+    options_type = CpuOptions
 
     def availability(self) -> Availability:
         provider, _ = cpu_provider()
         note = "" if provider != "CPUExecutionProvider" else " (no oneDNN EP in this onnxruntime)"
         return Availability(True, f"{provider} from {active_onnxruntime_distribution()}{note}")
 
-    def prepare(self, modules: list[ExportedModule], out_dir: Path, options: dict[str, Any]) -> BackendArtifacts:
+    def prepare(self, modules: list[ExportedModule], out_dir: Path, options: CpuOptions,
+                context: BackendContext) -> BackendArtifacts:
         provider, provider_options = cpu_provider()
         target = out_dir / "cpu"
         target.mkdir(exist_ok=True)
         files = []
         for module in modules:
             optimized = target / module.path.name
-            session = session_options(options.get("threads"), optimization_level(provider))
-            session.optimized_model_filepath = str(optimized)
-            # Optimising with the default CPU EP keeps the saved graph loadable by every CPU EP.
-            ort.InferenceSession(str(module.path), sess_options=session, providers=["CPUExecutionProvider"])
+            save_optimized(module, optimized, session_options(options.threads, optimization_level(provider)))
             files.append(str(optimized.relative_to(out_dir)))
+            if module.data_files:
+                files.append(str(optimized.with_name(optimized.name + ".data").relative_to(out_dir)))
         config = {
             "provider": provider,
             "provider_options": provider_options,
             "onnxruntime": active_onnxruntime_distribution(),
             "graph_optimization_level": optimization_level(provider),
-            "intra_op_num_threads": options.get("threads") or 0,
+            "intra_op_num_threads": options.threads,
             "models": {m.spec.name: str((target / m.path.name).relative_to(out_dir)) for m in modules},
         }
         (target / "session.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -94,7 +124,8 @@ class CpuBackend(Backend):
         return BackendArtifacts(self.name, files, config)
 
     def validate(
-        self, artifacts: BackendArtifacts, out_dir: Path, references: dict[str, ModuleReferences]
+        self, artifacts: BackendArtifacts, out_dir: Path, references: dict[str, ModuleReferences],
+        context: BackendContext,
     ) -> BackendValidation:
         provider = artifacts.config["provider"]
         providers = [(provider, artifacts.config["provider_options"])]
@@ -104,16 +135,13 @@ class CpuBackend(Backend):
         failures = []
         for module, relative in artifacts.config["models"].items():
             config = artifacts.config
-            run = OrtRunner(out_dir / relative, providers,
-                             session_options(config["intra_op_num_threads"], config["graph_optimization_level"]))
-            if run.providers[0] != provider:
+            options = session_options(config["intra_op_num_threads"], config["graph_optimization_level"])
+            validation, failure = compare_file(references[module], out_dir / relative, providers=providers,
+                                               options=options)
+            if validation.providers and validation.providers[0] != provider:
                 # ORT falls back to the CPU EP silently when an EP cannot be created.
-                failures.append(f"{module}: session runs on {run.providers}, not on {provider}")
-            validation, failure = compare(references[module], run)
-            details["modules"][module] = {
-                "providers": run.providers,
-                **validation_record(validation),
-            }
+                failures.append(f"{module}: session runs on {validation.providers}, not on {provider}")
+            details["modules"][module] = {"providers": validation.providers, **validation_record(validation)}
             if failure:
                 failures.append(str(failure))
         if failures:

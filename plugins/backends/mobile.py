@@ -2,10 +2,10 @@
 
 `prepare` writes into OUT/mobile/:
 - `<module>.ort`: the module with every dynamic axis fixed (batch 1; the other axes at the option
-  `fixed_sizes` ({axis: N}, or `--backend-option fixed_sizes.AXIS=N`), else the `opt` size of the
-  axis range), shapes re-inferred, converted to the ORT
-  format by onnxruntime's own converter (Fixed optimisation style unless the option
-  `ort_optimization_style` says Runtime; ARM target, so no x86-only layouts);
+  `fixed_sizes` ({axis: N}, or `--backend-option mobile.fixed_sizes.AXIS=N`), else the `opt` size
+  of the axis range), shapes re-inferred, converted to the ORT format by onnxruntime's own
+  converter (Fixed optimisation style unless the option `ort_optimization_style` says Runtime; ARM
+  target, so no x86-only layouts);
 - `required_operators.config`: the operators those models need, for a reduced ORT Mobile build
   (`build.sh --minimal_build --include_ops_by_config mobile/required_operators.config`);
 - `usability.json` and `usability.md`: how much of each graph NNAPI and CoreML would take;
@@ -30,9 +30,9 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -43,6 +43,7 @@ from converter_core.extension import Backend
 from converter_core.specs import (
     Availability,
     BackendArtifacts,
+    BackendContext,
     BackendValidation,
     ExportedModule,
     ModuleReferences,
@@ -50,12 +51,20 @@ from converter_core.specs import (
     Reference,
     ShapeCase,
 )
-from converter_core.validate import OrtRunner, compare, validation_record
-from plugins.backends.axis_ranges import axis_range, input_axes, per_axis_option, shape_at
+from converter_core.validate import OrtRunner, compare_file, validation_record
+from plugins.backends.axis_ranges import AXIS_RANGES_HELP, axis_range, input_axes, shape_at
 from plugins.backends.mobile_usability import check_usability, usability_markdown
 
 BATCH_AXIS = "batch"
-STYLES = ("Fixed", "Runtime")
+
+
+@dataclass(frozen=True)
+class MobileOptions:
+    fixed_sizes: dict[str, int] = field(default_factory=dict, metadata={
+        "help": "AXIS -> N: the size each dynamic axis is fixed to (default: batch 1, else the axis range's opt)"})
+    axis_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict, metadata={"help": AXIS_RANGES_HELP})
+    ort_optimization_style: Literal["Fixed", "Runtime"] = field(default="Fixed", metadata={
+        "help": "ORT-format optimisation style (onnxruntime's convert_onnx_models_to_ort)"})
 
 
 @contextlib.contextmanager
@@ -71,17 +80,16 @@ def quiet_converter():
         logger.setLevel(level)
 
 
-def fixed_sizes(spec: ModuleSpec, options: dict[str, Any]) -> dict[str, tuple[int, str]]:
+def fixed_sizes(spec: ModuleSpec, options: MobileOptions) -> dict[str, tuple[int, str]]:
     """The size of every dynamic input axis in the mobile model, and where it came from."""
-    explicit = per_axis_option(options, "fixed_sizes")
     sizes: dict[str, tuple[int, str]] = {}
     for axis in input_axes(spec):
-        if axis in explicit:
-            size, origin = explicit[axis], "option fixed_sizes"
+        if axis in options.fixed_sizes:
+            size, origin = options.fixed_sizes[axis], "option fixed_sizes"
         elif axis == BATCH_AXIS:
             size, origin = 1, "one request at a time on a device"
-        elif axis in per_axis_option(options, "axis_ranges") or axis in spec.axis_ranges:
-            (_, size, _), where = axis_range(spec, axis, options, "mobile")
+        elif axis in options.axis_ranges or axis in spec.axis_ranges:
+            (_, size, _), where = axis_range(spec, axis, options.axis_ranges, "mobile")
             origin = f"opt of the axis range ({where})"
         else:
             raise InputError(
@@ -121,6 +129,7 @@ def fit(array: np.ndarray, shape: list[int]) -> np.ndarray:
 class MobileBackend(Backend):
     name = "mobile"
     description = "ONNX Runtime Mobile: fixed-shape .ort models, a reduced-build operator config, NNAPI/CoreML report"
+    options_type = MobileOptions
 
     def availability(self) -> Availability:
         try:
@@ -133,12 +142,11 @@ class MobileBackend(Backend):
             "(NNAPI and CoreML run on devices only: see mobile/usability.md)",
         )
 
-    def prepare(self, modules: list[ExportedModule], out_dir: Path, options: dict[str, Any]) -> BackendArtifacts:
+    def prepare(self, modules: list[ExportedModule], out_dir: Path, options: MobileOptions,
+                context: BackendContext) -> BackendArtifacts:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-        style = options.get("ort_optimization_style", "Fixed")
-        if style not in STYLES:
-            raise InputError(f"backend mobile: ort_optimization_style {style!r}; expected one of {', '.join(STYLES)}")
+        style = options.ort_optimization_style
         target = out_dir / "mobile"
         target.mkdir(exist_ok=True)
         configs: dict[str, Any] = {}
@@ -207,7 +215,8 @@ class MobileBackend(Backend):
         return BackendArtifacts(self.name, files, config)
 
     def validate(
-        self, artifacts: BackendArtifacts, out_dir: Path, references: dict[str, ModuleReferences]
+        self, artifacts: BackendArtifacts, out_dir: Path, references: dict[str, ModuleReferences],
+        context: BackendContext,
     ) -> BackendValidation:
         details: dict[str, Any] = {"provider": "CPUExecutionProvider", "modules": {}}
         failures: list[str] = []
@@ -219,7 +228,6 @@ class MobileBackend(Backend):
                 unchecked.append(f"{name}: no PyTorch references")
                 continue
             shapes = {input_name: list(shape) for input_name, shape in module["inputs"].items()}
-            run = OrtRunner(out_dir / module["file"])
             matching = [r for r in module_refs.cases
                         if all(list(r.case.inputs[n].shape) == s for n, s in shapes.items())]
             if matching:
@@ -242,11 +250,7 @@ class MobileBackend(Backend):
                 checked = ModuleReferences(module_refs.spec, module_refs.atol,
                                            [Reference(ShapeCase(label, inputs), expected)])
                 said.append(f"{name} against the exported ONNX graph at {sizes} (no PyTorch case has that shape)")
-            try:
-                validation, failure = compare(checked, run)
-            except Exception as exc:  # the .ort model itself failing is this backend's failure, named
-                failures.append(f"{name}: {module['file']} fails at its fixed shape: {type(exc).__name__}: {exc}")
-                continue
+            validation, failure = compare_file(checked, out_dir / module["file"])
             details["modules"][name] = {
                 **validation_record(validation),
                 "reference": reference,

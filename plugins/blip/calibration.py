@@ -1,4 +1,4 @@
-"""Calibration inputs for static quantisation (`ModuleSpec.calibration`), made from real images and captions.
+"""Calibration inputs for static quantisation (the split plan's `calibration`), from real images and captions.
 
 Static INT8 fixes each activation's range ahead of time; ranges measured on random validation
 inputs need not fit real images. These cases carry what each BLIP graph sees in use: preprocessed
@@ -18,26 +18,22 @@ import torch
 from PIL import Image
 
 from converter_core.specs import ShapeCase
-from plugins.blip import wrappers
-from plugins.blip.modules import (
+from plugins.blip import graphs
+from plugins.blip.graphs import (
     RETRIEVAL_VISION_ENCODER,
     TEXT_DECODER,
     TEXT_DECODER_WITH_PAST,
     TEXT_ENCODER,
     VISION_ENCODER,
 )
-from plugins.blip.normalization import IMAGE_MEAN, IMAGE_STD
+from plugins.blip.recipes import RECIPE
+from plugins.blip.runtime.preprocess import Preprocessor
 from plugins.blip.source import BlipSource
 
 
 def pixel_values(images: Sequence[Image.Image], image_size: int) -> np.ndarray:
-    """BLIP's preprocessing (the manifest's `preprocessing`): RGB, bicubic resize, 1/255, CLIP mean and std."""
-    arrays = [
-        np.asarray(image.convert("RGB").resize((image_size, image_size), Image.BICUBIC), dtype=np.float32) / 255
-        for image in images
-    ]
-    pixels = (np.stack(arrays) - np.array(IMAGE_MEAN, np.float32)) / np.array(IMAGE_STD, np.float32)
-    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+    """BLIP's preprocessing, as the runtime does it."""
+    return Preprocessor(graphs.preprocessing(image_size))(images)
 
 
 def _token_rows(captions: Sequence[str], tokenize: Callable[[str], list[int]], first: int, sep: int,
@@ -78,28 +74,28 @@ def calibration_cases(
         for name, model in ((VISION_ENCODER, source.captioning or source.retrieval),
                             (RETRIEVAL_VISION_ENCODER, source.retrieval)):
             if name in cases and model is not None:
-                cases[name].append(ShapeCase(label, {"pixel_values": pixels}))
+                cases[name].append(ShapeCase(label, {graphs.PIXEL_VALUES: pixels}))
         with torch.no_grad():
             if TEXT_ENCODER in cases and source.retrieval is not None:
-                embeds = wrappers.VisionEncoder(source.retrieval.vision_model)(torch.from_numpy(pixels)).numpy()
+                embeds = RECIPE[RETRIEVAL_VISION_ENCODER].build(source)(torch.from_numpy(pixels)).numpy()
                 ids, mask = _token_rows(texts, tokenize, tokens["CLS"], tokens["SEP"], tokens["PAD"], max_text_len)
-                inputs = {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds}
+                inputs = {graphs.INPUT_IDS: ids, graphs.ATTENTION_MASK: mask, graphs.IMAGE_EMBEDS: embeds}
                 cases[TEXT_ENCODER].append(ShapeCase(label, inputs))
             if source.captioning is None or not {TEXT_DECODER, TEXT_DECODER_WITH_PAST} & cases.keys():
                 continue
-            embeds = wrappers.VisionEncoder(source.captioning.vision_model)(torch.from_numpy(pixels)).numpy()
+            embeds = RECIPE[VISION_ENCODER].build(source)(torch.from_numpy(pixels)).numpy()
             # The decoder graphs take no padding mask: every row is cut to the shortest caption.
             ids, mask = _token_rows(texts, tokenize, tokens["DEC"], tokens["SEP"], tokens["PAD"], max_text_len)
             ids = ids[:, : int(mask.sum(1).min())]
             if TEXT_DECODER in cases:
-                cases[TEXT_DECODER].append(ShapeCase(label, {"input_ids": ids, "image_embeds": embeds}))
+                cases[TEXT_DECODER].append(ShapeCase(label, {graphs.INPUT_IDS: ids, graphs.IMAGE_EMBEDS: embeds}))
             if TEXT_DECODER_WITH_PAST in cases and ids.shape[1] >= 2:
-                first = wrappers.DecoderFirstStep(source.captioning)
+                first = RECIPE[TEXT_DECODER].build(source)
                 outputs = first(torch.from_numpy(ids[:, :-1]), torch.from_numpy(embeds))
                 layers = first.num_layers
-                named = dict(zip(wrappers.decoder_first_output_names(layers), outputs))
-                past = {f"past.{i}.self_{kv}": named[f"present.{i}.self_{kv}"].numpy()
-                        for i in range(layers) for kv in ("key", "value")}
-                cross = {name: named[name].numpy() for name in wrappers.decoder_cross_names(layers)}
-                cases[TEXT_DECODER_WITH_PAST].append(ShapeCase(label, {"input_ids": ids[:, -1:], **past, **cross}))
+                named = dict(zip(graphs.decoder_first_outputs(layers), outputs))
+                past = {past: named[present].numpy()
+                        for past, present in zip(graphs.past_names(layers), graphs.present_names(layers))}
+                cross = {name: named[name].numpy() for name in graphs.cross_names(layers)}
+                cases[TEXT_DECODER_WITH_PAST].append(ShapeCase(label, {graphs.INPUT_IDS: ids[:, -1:], **past, **cross}))
     return cases

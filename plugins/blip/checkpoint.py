@@ -20,13 +20,14 @@ from safetensors.torch import load_file as load_safetensors
 from torch.nn import functional as F
 from transformers import BlipConfig, PreTrainedModel
 
-from converter_core.output import sha256_file
 from converter_core.errors import InputError
-from plugins.blip.presets import BlipDims, HEAD_DIM, check_image_size, empty_models, special_tokens
+from converter_core.output import sha256_file
+from plugins.blip.graphs import TEXT_DECODER, TEXT_ENCODER
+from plugins.blip.presets import HEAD_DIM, BlipDims, check_image_size, empty_models, special_tokens
 from plugins.blip.source import BlipSource, CheckpointFile
 
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+TOKENIZER_MARKERS = ("tokenizer.json", "vocab.txt")  # either says a directory holds a tokenizer
 # Training state of the original pretrain and retrieval models: momentum encoders, ITC queues, temperature.
 TRAINING_STATE = re.compile(r"^([a-z_]+_m\.|(image|text|idx|ptr)_queue$|temp$)|(^|\.)position_ids$")
 # Original Salesforce ViT names -> transformers BlipVisionModel names (BLIP.md); {n} a block, {p} weight|bias.
@@ -160,7 +161,7 @@ def _read_hf_dir(path: Path) -> _Checkpoint:
         parts=_parts(state, weights),
         name_in_file=lambda name: name,
         dropped=dropped,
-        tokenizer_dir=path if any((path / name).is_file() for name in TOKENIZER_FILES) else None,
+        tokenizer_dir=path if any((path / name).is_file() for name in TOKENIZER_MARKERS) else None,
     )
 
 
@@ -420,9 +421,9 @@ def _combine(loaded: list[_Loaded], image_size: int) -> BlipSource:
     first = loaded[0].checkpoint
     absent = {}
     if retrieval is None:
-        absent["text_encoder"] = f"{first.path.name} has no text_encoder.* weights (captioning checkpoint)"
+        absent[TEXT_ENCODER] = f"{first.path.name} has no text_encoder.* weights (captioning checkpoint)"
     if captioning is None:
-        absent["text_decoder"] = f"{first.path.name} has no text_decoder.* weights (retrieval checkpoint)"
+        absent[TEXT_DECODER] = f"{first.path.name} has no text_decoder.* weights (retrieval checkpoint)"
     return BlipSource(
         path=first.path,
         format=first.format,

@@ -18,7 +18,8 @@ def register_runtime_commands(cli: typer.Typer) -> None:
     @cli.command("caption")
     def caption(
         output: OutDir,
-        images: Annotated[list[Path], typer.Argument(metavar="IMAGE", help="Image files, captioned as one batch.", show_default=False)],
+        images: Annotated[list[Path], typer.Argument(
+            metavar="IMAGE", help="Image files, captioned as one batch.", show_default=False)],
         beams: Annotated[int, typer.Option(help="Beam width; 1 is greedy. BLIP's COCO setting: 3.")] = 1,
         max_tokens: Annotated[int, typer.Option(help="Most tokens to write after the prompt.")] = 20,
         min_tokens: Annotated[int, typer.Option(help="Fewest tokens to write after the prompt.")] = 0,

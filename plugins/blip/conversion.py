@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,40 +10,24 @@ import torch
 
 from converter_core.errors import InputError
 from converter_core.specs import ShapeCase, SourceInfo, SplitPlan
-from plugins.blip import wrappers
-from plugins.blip.modules import (
+from plugins.blip import graphs
+from plugins.blip.graphs import (
+    BERT_PROMPT_IDS,
+    BERT_VOCAB_SIZE,
+    PROMPT,
     RETRIEVAL_VISION_ENCODER,
     TEXT_DECODER,
     TEXT_DECODER_WITH_PAST,
     TEXT_ENCODER,
+    TOKENIZER_FILES,
     VISION_ENCODER,
-    BlipConversion,
-    module_specs,
 )
-from plugins.blip.normalization import IMAGE_MEAN, IMAGE_STD
+from plugins.blip.recipes import RECIPE, BlipConversion, module_specs
 from plugins.blip.source import BlipSource
-
-# Original BLIP preprocessing and generation (shared/BLIP.md): bicubic resize, no crop, CLIP's statistics.
-PROMPT = "a picture of "
-BERT_PROMPT_IDS = (1037, 3861, 1997)  # "a picture of" in bert-base-uncased, after [DEC]
-BERT_VOCAB_SIZE = 30524
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def wrapper(source: BlipSource, name: str) -> torch.nn.Module:
-    tokens = source.tokens
-    if name == VISION_ENCODER:
-        model = source.captioning or source.retrieval
-        return wrappers.VisionEncoder(model.vision_model)
-    if name == RETRIEVAL_VISION_ENCODER:
-        return wrappers.VisionEncoder(source.retrieval.vision_model)
-    if name == TEXT_ENCODER:
-        return wrappers.TextEncoder(source.retrieval, tokens["ENC"], tokens["CLS"])
-    if name == TEXT_DECODER:
-        return wrappers.DecoderFirstStep(source.captioning)
-    if name == TEXT_DECODER_WITH_PAST:
-        return wrappers.DecoderWithPast(source.captioning)
-    raise KeyError(name)
+    return RECIPE[name].build(source)
 
 
 def _tokenizer_assets(source: BlipSource) -> dict[str, bytes]:
@@ -67,7 +52,8 @@ def _prompt_ids(vocab: Path, dec_id: int) -> list[int] | None:
     return [dec_id, *ids[1:-1]]
 
 
-def _metadata(source: BlipSource, assets: dict[str, bytes]) -> dict[str, Any]:
+def _metadata(conversion: BlipConversion, assets: dict[str, bytes]) -> dict[str, Any]:
+    source = conversion.source
     config = (source.captioning or source.retrieval).config
     vocab_size = config.text_config.vocab_size
     prompt_ids = None
@@ -76,16 +62,7 @@ def _metadata(source: BlipSource, assets: dict[str, bytes]) -> dict[str, Any]:
     elif source.tokenizer_dir is not None and (source.tokenizer_dir / "vocab.txt").is_file():
         prompt_ids = _prompt_ids(source.tokenizer_dir / "vocab.txt", source.tokens["DEC"])
     return {
-        "preprocessing": {
-            "image_size": source.image_size,
-            "resize": "bicubic",
-            "crop": None,
-            "rescale": 1 / 255,
-            "mean": list(IMAGE_MEAN),
-            "std": list(IMAGE_STD),
-            "channel_order": "RGB",
-            "layout": "NCHW",
-        },
+        "preprocessing": graphs.preprocessing(source.image_size),
         "tokens": dict(source.tokens),
         "vocab_size": vocab_size,
         "tokenizer": (
@@ -98,6 +75,8 @@ def _metadata(source: BlipSource, assets: dict[str, bytes]) -> dict[str, Any]:
             "prompt_ids": prompt_ids,
             "eos_token_id": source.tokens["SEP"],
             "max_position_embeddings": config.text_config.max_position_embeddings,
+            # The longest text (prompt + caption) the graphs were validated at and backends built for.
+            "max_text_len": conversion.max_text_len,
             "num_layers": config.text_config.num_hidden_layers,
             "defaults": {"num_beams": 3, "max_length": 30, "min_length": 10, "repetition_penalty": 1.0},
             "coco_evaluation": {"num_beams": 3, "max_length": 20, "min_length": 5},
@@ -111,15 +90,19 @@ def _metadata(source: BlipSource, assets: dict[str, bytes]) -> dict[str, Any]:
 
 def split(conversion: BlipConversion) -> SplitPlan:
     blip = conversion.source
-    specs, not_exported = module_specs(conversion, lambda name: wrapper(blip, name))
     assets = _tokenizer_assets(blip)
+    inputs = [file.path for file in blip.files]
+    inputs += [blip.tokenizer_dir] if blip.tokenizer_dir is not None else []
+    inputs += [conversion.calibration_images] if conversion.calibration_images is not None else []
     return SplitPlan(
         model_type="blip",
         source=SourceInfo(str(blip.path) if blip.path else None, blip.format, blip.sha256),
-        modules=specs,
-        not_exported=not_exported,
-        metadata=_metadata(blip, assets),
+        modules=module_specs(conversion),
+        not_exported=dict(blip.absent),
+        metadata=_metadata(conversion, assets),
         assets=assets,
+        inputs=tuple(inputs),
+        calibration=lambda modules: calibration_set(blip, conversion.calibration_images, modules),
     )
 
 
@@ -150,10 +133,10 @@ CALIBRATION_IMAGES = 32
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-def calibration_set(source: BlipSource, images_dir: Path | None) -> dict[str, list[ShapeCase]]:
-    """Static-quantisation inputs per module from real images: `images_dir`, else the bundled
-    fixture's drawn scenes. The text comes from the fixture's captions either way (a folder of
-    images has none); without a tokenizer only the vision encoders get calibration data."""
+def calibration_set(source: BlipSource, images_dir: Path | None, wanted: Sequence[str]) -> dict[str, list[ShapeCase]]:
+    """Static-quantisation inputs for the `wanted` modules from real images: `images_dir`, else the
+    bundled fixture's drawn scenes. The text comes from the fixture's captions either way (a folder
+    of images has none); without a tokenizer only the vision encoders get calibration data."""
     from plugins.blip import fixture
     from plugins.blip.calibration import calibration_cases
     from plugins.blip.runtime.preprocess import load_image
@@ -177,4 +160,4 @@ def calibration_set(source: BlipSource, images_dir: Path | None) -> dict[str, li
         tokenizer = BlipTokenizer.from_directory(source.tokenizer_dir, source.tokens, config.max_position_embeddings)
         tokenize = lambda text: tokenizer.encode(text)[1:-1]  # noqa: E731 - without [CLS] and [SEP]
         modules += [TEXT_ENCODER, TEXT_DECODER, TEXT_DECODER_WITH_PAST]
-    return calibration_cases(source, images, captions, tokenize, modules)
+    return calibration_cases(source, images, captions, tokenize, [name for name in modules if name in wanted])

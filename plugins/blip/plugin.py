@@ -6,6 +6,7 @@ loads, so that `convert --help` and the listings start quickly.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -29,11 +30,15 @@ if TYPE_CHECKING:
     import torch
 
 
+def _is_blip(source: object) -> bool:
+    # A BlipConversion exists only once its module (which needs torch) was imported.
+    recipes = sys.modules.get("plugins.blip.recipes")
+    return recipes is not None and isinstance(source, recipes.BlipConversion)
+
+
 @hookimpl
 def converter_split_model(source: object) -> SplitPlan | None:
-    from plugins.blip.modules import BlipConversion
-
-    if not isinstance(source, BlipConversion):
+    if not _is_blip(source):
         return None
     from plugins.blip.conversion import split
 
@@ -42,13 +47,11 @@ def converter_split_model(source: object) -> SplitPlan | None:
 
 @hookimpl
 def converter_wrap_module(source: object, spec: ModuleSpec) -> torch.nn.Module | None:
-    from plugins.blip.modules import BlipConversion
-
-    if not isinstance(source, BlipConversion):
+    if not _is_blip(source):
         return None
-    from plugins.blip.conversion import wrapper
+    from plugins.blip.recipes import RECIPE
 
-    return wrapper(source.source, spec.name)
+    return RECIPE[spec.name].build(source.source)
 
 
 @hookimpl
@@ -83,9 +86,12 @@ def converter_register_commands(cli: typer.Typer) -> None:
     ) -> None:
         """Export BLIP to ONNX: vision encoder, text encoder (ITM/ITC), text decoder with KV cache."""
         from converter_core.console import finish, stage_progress
+        from converter_core.export import require_export_extra
         from converter_core.pipeline import convert
-        from plugins.blip.conversion import calibration_set, load_source
-        from plugins.blip.modules import BlipConversion
+
+        require_export_extra("transformers")
+        from plugins.blip.conversion import load_source
+        from plugins.blip.recipes import BlipConversion
 
         if max_batch < 1 or max_text_len < 2:
             raise InputError("--max-batch must be >= 1 and --max-text-len >= 2")
@@ -93,10 +99,9 @@ def converter_register_commands(cli: typer.Typer) -> None:
         with stage_progress() as on_stage:
             on_stage("loading the checkpoint")
             source = load_source(checkpoint or [], random_weights, preset, image_size, seed, tokenizer)
-            calibration = {}
-            if any(request.pass_name == "int8-static" for request in options.passes):
-                on_stage("preparing calibration data")
-                calibration = calibration_set(source, calibration_images)
-            conversion = BlipConversion(source, max_batch, max_text_len, calibration)
+            positions = (source.captioning or source.retrieval).config.text_config.max_position_embeddings
+            if max_text_len > positions:
+                raise InputError(f"--max-text-len {max_text_len} exceeds the model's {positions} text positions")
+            conversion = BlipConversion(source, max_batch, max_text_len, calibration_images)
             result = convert(conversion, options, on_stage=on_stage)
         finish(result)

@@ -21,6 +21,7 @@ from transformers import (
 from transformers.initialization import no_init_weights
 
 from converter_core.errors import InputError
+from plugins.blip.graphs import TEXT_DECODER, TEXT_ENCODER
 from plugins.blip.source import BlipSource
 
 HEAD_DIM = 64  # ViT and BERT both use 64-wide heads; checkpoints do not record the head count
@@ -184,9 +185,9 @@ def random_source(
 
     absent = {}
     if captioning is None:
-        absent["text_decoder"] = f"the random {preset} source was built without captioning"
+        absent[TEXT_DECODER] = f"the random {preset} source was built without captioning"
     if retrieval is None:
-        absent["text_encoder"] = f"the random {preset} source was built without retrieval"
+        absent[TEXT_ENCODER] = f"the random {preset} source was built without retrieval"
     return BlipSource(
         path=None,
         format="random",

@@ -2,9 +2,9 @@
 
 Each wrapper borrows the weights (the very submodules) of a transformers BLIP model and computes one
 graph: the vision encoder, the retrieval text encoder (ITM probability and ITC features), and the
-captioning decoder split into a first step and a step with a KV cache. Input and output names here
-are the ONNX graph's names; `*_names` functions give them for a given layer count so that specs and
-runtimes can build their feeds and dynamic axes without importing torch models.
+captioning decoder split into a first step and a step with a KV cache. Their input and output names
+and axes live in `plugins.blip.graphs` (the runtime reads them there without torch); which wrapper
+makes which graph, with what inputs and cases, is `plugins.blip.recipes`.
 
 Why the text attention is written out here instead of calling transformers' forward: transformers
 passes the KV cache around as `Cache` objects and builds masks through `masking_utils`, while these
@@ -22,8 +22,8 @@ Decoder batches share one prompt, so no graph takes a text attention mask: there
 inside the decoded text. Rows that finished early keep decoding; the caller ignores their tokens.
 
 Export recipe (torch 2.13, `torch.onnx.export(..., dynamo=True)`, checked with onnxruntime):
-- `dynamic_shapes` is a flat tuple, one {axis: torch.export.Dim} per input in `input_names` order,
-  with one Dim object per axis name (`axes` says which). torch.export binds that tuple to
+- `dynamic_shapes` is a flat tuple, one {axis: torch.export.Dim} per input in input order, with one
+  Dim object per axis name (the recipe's axes say which). torch.export binds that tuple to
   `inspect.signature(wrapper.forward)`, which is why DecoderWithPast's forward carries one named
   parameter per input instead of `*caches` (a varargs signature would bind as two arguments).
   Distinct Dims for axes the graph ties together (batch of `input_ids` and `image_embeds`) are
@@ -48,84 +48,7 @@ import torch
 from torch import nn
 from torch.nn.functional import normalize
 
-# ---------------------------------------------------------------------------------------------
-# Names and axes. Plain data: a runtime or a spec can use these without building a model.
-# ---------------------------------------------------------------------------------------------
-
-VISION_INPUTS = ("pixel_values",)
-VISION_OUTPUTS = ("image_embeds",)
-TEXT_ENCODER_INPUTS = ("input_ids", "attention_mask", "image_embeds")
-TEXT_ENCODER_OUTPUTS = ("itm_probability", "text_features", "image_features")
-DECODER_FIRST_INPUTS = ("input_ids", "image_embeds")
-
-
-def decoder_past_names(num_layers: int) -> list[str]:
-    """Self-attention cache inputs of DecoderWithPast: past.{i}.self_key, past.{i}.self_value per layer."""
-    return [f"past.{i}.self_{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def decoder_present_names(num_layers: int) -> list[str]:
-    """Self-attention cache outputs of both decoder graphs, in the same order as the past inputs."""
-    return [f"present.{i}.self_{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def decoder_cross_names(num_layers: int) -> list[str]:
-    """Cross-attention keys/values: outputs of DecoderFirstStep, inputs of DecoderWithPast."""
-    return [f"cross.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def decoder_first_output_names(num_layers: int) -> list[str]:
-    return ["logits", *decoder_present_names(num_layers), *decoder_cross_names(num_layers)]
-
-
-def decoder_past_input_names(num_layers: int) -> list[str]:
-    return ["input_ids", *decoder_past_names(num_layers), *decoder_cross_names(num_layers)]
-
-
-def decoder_past_output_names(num_layers: int) -> list[str]:
-    return ["logits", *decoder_present_names(num_layers)]
-
-
-def vision_axes() -> dict[str, dict[int, str]]:
-    """Dynamic axes per input/output name; the image size is static (see the module docstring)."""
-    return {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}
-
-
-def text_encoder_axes() -> dict[str, dict[int, str]]:
-    return {
-        "input_ids": {0: "batch", 1: "text"},
-        "attention_mask": {0: "batch", 1: "text"},
-        "image_embeds": {0: "batch", 1: "image_tokens"},
-        "itm_probability": {0: "batch"},
-        "text_features": {0: "batch"},
-        "image_features": {0: "batch"},
-    }
-
-
-def decoder_first_axes(num_layers: int) -> dict[str, dict[int, str]]:
-    axes = {
-        "input_ids": {0: "batch", 1: "text"},
-        "image_embeds": {0: "batch", 1: "image_tokens"},
-        "logits": {0: "batch", 1: "text"},
-    }
-    axes.update({name: {0: "batch", 2: "text"} for name in decoder_present_names(num_layers)})
-    axes.update({name: {0: "batch", 2: "image_tokens"} for name in decoder_cross_names(num_layers)})
-    return axes
-
-
-def decoder_past_axes(num_layers: int) -> dict[str, dict[int, str]]:
-    axes = {"input_ids": {0: "batch", 1: "new"}, "logits": {0: "batch", 1: "new"}}
-    axes.update({name: {0: "batch", 2: "past"} for name in decoder_past_names(num_layers)})
-    axes.update({name: {0: "batch", 2: "image_tokens"} for name in decoder_cross_names(num_layers)})
-    axes.update({name: {0: "batch", 2: "past + new"} for name in decoder_present_names(num_layers)})
-    return axes
-
-
-def image_token_count(vision_config, image_size: int | None = None) -> int:
-    """Tokens the vision encoder emits: [CLS] plus one per patch."""
-    size = image_size or vision_config.image_size
-    return 1 + (size // vision_config.patch_size) ** 2
-
+from plugins.blip import graphs
 
 # ---------------------------------------------------------------------------------------------
 # Wrappers
@@ -138,10 +61,6 @@ class VisionEncoder(nn.Module):
     The last hidden state (post_layernorm applied once), not the pooled output: transformers' pooler
     applies post_layernorm a second time, which the original BLIP never does.
     """
-
-    input_names = VISION_INPUTS
-    output_names = VISION_OUTPUTS
-    axes = vision_axes()
 
     def __init__(self, vision_model: nn.Module):
         super().__init__()
@@ -160,10 +79,6 @@ class TextEncoder(nn.Module):
     cross-attending to the whole image), `text_features` and `image_features` [batch, proj] (unit
     vectors for the contrastive score: text starting with [CLS], no cross-attention).
     """
-
-    input_names = TEXT_ENCODER_INPUTS
-    output_names = TEXT_ENCODER_OUTPUTS
-    axes = text_encoder_axes()
 
     def __init__(self, retrieval_model: nn.Module, enc_token_id: int, cls_token_id: int):
         super().__init__()
@@ -204,7 +119,7 @@ class DecoderFirstStep(nn.Module):
     Inputs: `input_ids` [batch, text] (prompt beginning with the decoder BOS), `image_embeds`
     [batch, N, hidden]. Outputs: `logits` [batch, text, vocab], then `present.{i}.self_key/value`
     [batch, heads, text, head_dim] for every layer, then `cross.{i}.key/value` [batch, heads, N,
-    head_dim] for every layer (see `decoder_first_output_names`).
+    head_dim] for every layer (`graphs.decoder_first_outputs`).
     """
 
     def __init__(self, captioning_model: nn.Module):
@@ -213,9 +128,6 @@ class DecoderFirstStep(nn.Module):
         config = self.text_decoder.config
         self.num_heads = config.num_attention_heads
         self.num_layers = config.num_hidden_layers
-        self.input_names = DECODER_FIRST_INPUTS
-        self.output_names = tuple(decoder_first_output_names(self.num_layers))
-        self.axes = decoder_first_axes(self.num_layers)
 
     def forward(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
         bert = self.text_decoder.bert
@@ -235,8 +147,8 @@ class DecoderWithPast(nn.Module):
     """Captioning decoder for tokens that follow a cached prefix.
 
     Inputs: `input_ids` [batch, new] (usually new = 1), `past.{i}.self_key/value` [batch, heads,
-    past, head_dim] for every layer, then `cross.{i}.key/value` from DecoderFirstStep (see
-    `decoder_past_input_names`). Outputs: `logits` [batch, new, vocab] and
+    past, head_dim] for every layer, then `cross.{i}.key/value` from DecoderFirstStep
+    (`graphs.decoder_past_inputs`). Outputs: `logits` [batch, new, vocab] and
     `present.{i}.self_key/value` [batch, heads, past + new, head_dim]. Positions continue at `past`,
     read from the cache's shape; new tokens see the whole past and, causally, each other.
     """
@@ -247,10 +159,7 @@ class DecoderWithPast(nn.Module):
         config = self.text_decoder.config
         self.num_heads = config.num_attention_heads
         self.num_layers = config.num_hidden_layers
-        self.input_names = tuple(decoder_past_input_names(self.num_layers))
-        self.output_names = tuple(decoder_past_output_names(self.num_layers))
-        self.axes = decoder_past_axes(self.num_layers)
-        self.forward = _with_flat_signature(self, "_step", self.input_names)
+        self.forward = _with_flat_signature(self, "_step", tuple(graphs.decoder_past_inputs(self.num_layers)))
 
     def _step(self, input_ids: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n = self.num_layers
@@ -376,63 +285,3 @@ def _text_layer(
         attended = layer.crossattention.output(_attend(cross_query, cross[0], cross[1], None), attended)
     output = layer.output(layer.intermediate(attended), attended)
     return output, key, value
-
-
-# ---------------------------------------------------------------------------------------------
-# Example inputs (fixed seed), in each wrapper's argument order
-# ---------------------------------------------------------------------------------------------
-
-
-def vision_inputs(config, batch: int = 2, image_size: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
-    """`config` is a BlipConfig. The image size defaults to the model's own (the only valid one)."""
-    size = image_size or config.vision_config.image_size
-    generator = torch.Generator().manual_seed(seed)
-    return {"pixel_values": torch.randn(batch, 3, size, size, generator=generator)}
-
-
-def text_encoder_inputs(
-    config, batch: int = 2, text: int = 6, image_size: int | None = None, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """Random token ids (the wrapper replaces the first one anyway), a mask whose last row is padded
-    after half its length when batch and text allow, random image embeddings."""
-    text_config, vision_config = config.text_config, config.vision_config
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(1, text_config.vocab_size, (batch, text), generator=generator)
-    attention_mask = torch.ones(batch, text, dtype=torch.int64)
-    if batch > 1 and text > 1:
-        keep = max(1, text // 2)
-        attention_mask[-1, keep:] = 0
-        input_ids[-1, keep:] = text_config.pad_token_id
-    tokens = image_token_count(vision_config, image_size)
-    image_embeds = torch.randn(batch, tokens, vision_config.hidden_size, generator=generator)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "image_embeds": image_embeds}
-
-
-def decoder_first_inputs(
-    config, batch: int = 2, text: int = 4, image_size: int | None = None, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """A shared prompt starting with the decoder BOS, random image embeddings."""
-    text_config, vision_config = config.text_config, config.vision_config
-    generator = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(1, text_config.vocab_size, (1, text), generator=generator)
-    prompt[0, 0] = text_config.bos_token_id
-    tokens = image_token_count(vision_config, image_size)
-    image_embeds = torch.randn(batch, tokens, vision_config.hidden_size, generator=generator)
-    return {"input_ids": prompt.repeat(batch, 1), "image_embeds": image_embeds}
-
-
-def decoder_past_inputs(
-    config, batch: int = 2, new: int = 1, past: int = 4, image_size: int | None = None, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """New token ids plus random self-attention caches of length `past` and cross keys/values."""
-    text_config, vision_config = config.text_config, config.vision_config
-    layers, heads = text_config.num_hidden_layers, text_config.num_attention_heads
-    head_dim = text_config.hidden_size // heads
-    tokens = image_token_count(vision_config, image_size)
-    generator = torch.Generator().manual_seed(seed)
-    inputs = {"input_ids": torch.randint(1, text_config.vocab_size, (batch, new), generator=generator)}
-    for name in decoder_past_names(layers):
-        inputs[name] = torch.randn(batch, heads, past, head_dim, generator=generator)
-    for name in decoder_cross_names(layers):
-        inputs[name] = torch.randn(batch, heads, tokens, head_dim, generator=generator)
-    return inputs

@@ -19,6 +19,7 @@ from typing import Any
 
 import onnx
 
+from converter_core.graph_files import save_like
 from converter_core.specs import ModuleReferences
 from plugins.quant.gated import GatedPass
 from plugins.quant.measure import LatencyConfig
@@ -75,6 +76,6 @@ class Fp16Pass(GatedPass):
                    if io_types(converted).get(name) != was}
         if changed:
             raise RuntimeError(f"the float16 conversion changed input/output types: {changed}")
-        onnx.save(converted, str(target))
+        save_like(converted, target, source)
         return {"io_types": "unchanged (float32 kept)",
                 "note": "gates measured on ONNX Runtime CPU, which runs ops without a float16 kernel in float32"}

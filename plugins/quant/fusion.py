@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import onnx
 
+from converter_core.graph_files import external_data_files
 from converter_core.specs import ModuleReferences
 from plugins.quant.attention import fuse_packed_attention
 from plugins.quant.gated import GainConfig, NumbersKeepingPass
@@ -100,7 +101,7 @@ class FusionPass(NumbersKeepingPass):
             model, model_type=model_type, num_heads=self.config.num_heads, hidden_size=self.config.hidden_size,
             opt_level=0, use_gpu=False, optimization_options=options,
         )
-        optimized.save_model_to_file(str(target), use_external_data_format=False)
+        optimized.save_model_to_file(str(target), use_external_data_format=bool(external_data_files(source)))
         contrib = Counter(node.op_type for node in optimized.model.graph.node if node.domain == "com.microsoft")
         fused = {op: count - contrib_before[op] for op, count in contrib.items() if count > contrib_before[op]}
         return {

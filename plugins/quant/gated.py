@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import onnx
 
 from converter_core.extension import GraphPass
-from converter_core.specs import ModuleReferences, PassReport
+from converter_core.specs import GraphSnapshot, ModuleReferences, PassReport
 from plugins.quant.measure import Accuracy, LatencyConfig, accuracy, paired_latency_ms, quiet, snapshot
 from plugins.quant.search import SearchConfig, exclusion_units, rank_nodes, search_exclusions
 
@@ -31,22 +31,22 @@ class GainConfig:
     max_weight_growth: float = 0.01  # > 1% more weight bytes is a loss (duplicated tied weights)
 
 
-def measured_gain(before: dict[str, Any], after: dict[str, Any], config: GainConfig) -> tuple[list[str], list[str]]:
+def measured_gain(before: GraphSnapshot, after: GraphSnapshot, config: GainConfig) -> tuple[list[str], list[str]]:
     """What got better and what got worse, each as readable facts."""
     gains, losses = [], []
-    if after["nodes"] < before["nodes"]:
-        gains.append(f"nodes {before['nodes']} -> {after['nodes']}")
-    weights = after["weight_bytes"] / max(before["weight_bytes"], 1) - 1
+    if after.nodes < before.nodes:
+        gains.append(f"nodes {before.nodes} -> {after.nodes}")
+    weights = after.weight_bytes / max(before.weight_bytes, 1) - 1
     if weights < -config.max_weight_growth:
         gains.append(f"weights {weights:+.1%}")
     elif weights > config.max_weight_growth:
-        losses.append(f"weights {weights:+.1%} ({before['weight_bytes']} -> {after['weight_bytes']} bytes)")
-    if before.get("latency_ms") and after.get("latency_ms"):
-        change = after["latency_ms"] / before["latency_ms"] - 1
+        losses.append(f"weights {weights:+.1%} ({before.weight_bytes} -> {after.weight_bytes} bytes)")
+    if before.latency_ms and after.latency_ms:
+        change = after.latency_ms / before.latency_ms - 1
         if change <= -config.min_latency_gain:
             gains.append(f"latency {change:+.1%}")
         elif change > config.max_latency_loss:
-            losses.append(f"latency {change:+.1%} ({before['latency_ms']:.3g} -> {after['latency_ms']:.3g} ms)")
+            losses.append(f"latency {change:+.1%} ({before.latency_ms:.3g} -> {after.latency_ms:.3g} ms)")
     return gains, losses
 
 
@@ -73,7 +73,7 @@ class GatedPass(GraphPass):
         config = getattr(self, "config", None)
         return asdict(config) if config is not None else {}
 
-    def judge(self, before: dict[str, Any], after: dict[str, Any], result: Accuracy,
+    def judge(self, before: GraphSnapshot, after: GraphSnapshot, result: Accuracy,
               details: dict[str, Any]) -> tuple[bool, str]:
         if not result.passed:
             return False, f"gate failed: {'; '.join(result.failures)}"
@@ -97,7 +97,7 @@ class GatedPass(GraphPass):
             reason = f"the rewrite failed: {type(exc).__name__}: {str(exc).strip()[:500]}; the input graph is kept"
             (latency,) = paired_latency_ms([source], references.spec.example.inputs, self.latency)
             before = snapshot(source, latency, self.latency.threads, source_accuracy)
-            return PassReport(self.name, module, False, reason, before, {}, details, not self.keeps_numbers)
+            return PassReport(self.name, module, False, reason, before, None, details, not self.keeps_numbers)
 
         if not result.passed and self.search.enabled:
             try:
@@ -143,7 +143,7 @@ class NumbersKeepingPass(GatedPass):
     keeps_numbers = True
     gain: GainConfig = GainConfig()
 
-    def judge(self, before: dict[str, Any], after: dict[str, Any], result: Accuracy,
+    def judge(self, before: GraphSnapshot, after: GraphSnapshot, result: Accuracy,
               details: dict[str, Any]) -> tuple[bool, str]:
         if not result.passed:
             return False, f"changed the numbers: {'; '.join(result.failures)}"
@@ -152,7 +152,7 @@ class NumbersKeepingPass(GatedPass):
         if losses:
             return False, f"made the graph worse: {', '.join(losses)}"
         if not gains:
-            return False, (f"no measurable gain: nodes {before['nodes']} -> {after['nodes']}, weights "
-                           f"{before['weight_bytes']} -> {after['weight_bytes']} bytes, latency "
-                           f"{before.get('latency_ms') or 0:.3g} -> {after.get('latency_ms') or 0:.3g} ms")
+            return False, (f"no measurable gain: nodes {before.nodes} -> {after.nodes}, weights "
+                           f"{before.weight_bytes} -> {after.weight_bytes} bytes, latency "
+                           f"{before.latency_ms or 0:.3g} -> {after.latency_ms or 0:.3g} ms")
         return True, f"helps: {', '.join(gains)}"

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import onnx
 
+from converter_core.graph_files import external_data_files, save_like
 from converter_core.specs import ModuleReferences
 from plugins.quant.gated import GatedPass
 from plugins.quant.measure import LatencyConfig
@@ -41,10 +42,11 @@ def quantizer_input(source: Path) -> Iterator[Path]:
     if not model.graph.value_info:
         yield source
         return
+    onnx.load_external_data_for_model(model, str(source.parent))
     del model.graph.value_info[:]
     with tempfile.TemporaryDirectory(prefix="vlm-quantize-") as folder:
         path = Path(folder) / source.name
-        onnx.save(model, str(path))
+        save_like(model, path, source)
         yield path
 
 
@@ -97,6 +99,7 @@ class Int8DynamicPass(GatedPass):
                 weight_type=getattr(QuantType, QUANT_TYPES[self.config.weight_type]),
                 nodes_to_exclude=list(exclude),
                 extra_options={"MatMulConstBOnly": True, **QUANTIZER_OPTIONS},
+                use_external_data_format=bool(external_data_files(source)),
             )
         made = {"MatMul": "MatMulInteger", "Gemm": "MatMulInteger", "Conv": "ConvInteger", "Attention": "QAttention"}
         return {"format": f"QOperator ({', '.join(dict.fromkeys(made[op] for op in self.config.op_types if op in made))})"}

@@ -1,8 +1,9 @@
 """`int8-static`: INT8 weights and activations, activation ranges calibrated ahead of time (QDQ).
 
-What it needs: calibration inputs. The model plugin's `ModuleSpec.calibration` (cases made from real
-images and captions) when it has them; otherwise the PyTorch reference cases, which are random
-validation inputs, and the report says so, because ranges from random data may not fit real ones.
+What it needs: calibration inputs (`needs_calibration`): the model plugin's, through its split plan
+(cases made from real images and captions), when it has them; otherwise the PyTorch reference cases,
+which are random validation inputs, and the report says so, because ranges from random data may not
+fit real ones.
 What it produces: a QDQ graph (QuantizeLinear / DequantizeLinear around the quantised nodes), which
 ONNX Runtime's CPU provider runs as integer kernels. When the module's gates fail, the most
 sensitive nodes are left float (`plugins.quant.search`); the calibration runs once per pass.
@@ -20,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from converter_core.graph_files import external_data_files
 from converter_core.specs import ModuleReferences, PassReport
 from plugins.quant.gated import GatedPass
 from plugins.quant.int8_dynamic import QUANT_TYPES, QUANTIZER_OPTIONS, quantizer_input
@@ -45,9 +47,8 @@ class Int8StaticConfig:
 
 def calibration_inputs(references: ModuleReferences, limit: int) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
     """The inputs to calibrate on, and what the report should say about where they came from."""
-    spec = references.spec
-    if spec.calibration:
-        cases = spec.calibration[:limit]
+    if references.calibration:
+        cases = references.calibration[:limit]
         return [c.inputs for c in cases], {"source": "module calibration data", "cases": len(cases),
                                            "labels": [c.label for c in cases]}
     cases = [r.case for r in references.cases][:limit]
@@ -58,6 +59,7 @@ def calibration_inputs(references: ModuleReferences, limit: int) -> tuple[list[d
 
 
 class Int8StaticPass(GatedPass):
+    needs_calibration = True
     shares_quantized_tensors = True
     description = ("INT8 static QDQ quantisation calibrated on the module's calibration data, gated, with a search "
                    "for nodes to keep float")
@@ -89,8 +91,13 @@ class Int8StaticPass(GatedPass):
                 self._cache = None
 
     def rewrite(self, source: Path, target: Path, references: ModuleReferences, exclude: Sequence[str]) -> dict[str, Any]:
-        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                              quantize_static)
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
 
         inputs, calibration = calibration_inputs(references, self.config.max_calibration_cases)
 
@@ -117,6 +124,7 @@ class Int8StaticPass(GatedPass):
                 nodes_to_exclude=list(exclude),
                 calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[self.config.calibrate_method]),
                 extra_options=QUANTIZER_OPTIONS,
+                use_external_data_format=bool(external_data_files(source)),
                 **cache,
             )
         return {"format": "QDQ", "calibration": calibration}

@@ -2,8 +2,8 @@
 
 Latency is the median of a few runs on the module's example inputs (the sizes the exporter traced
 with) on ONNX Runtime's CPU execution provider with its default graph optimisations: what a user who
-loads the file gets. Accuracy is the module's gates (`converter_core.gates`) over the PyTorch
-reference cases, plus the largest absolute difference per output.
+loads the file gets. Accuracy is `converter_core.validate.compare` over the PyTorch reference cases:
+the module's gates, and the tolerance for rewrites that claim to keep the numbers.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from converter_core.gates import check_gates
-from converter_core.specs import ModuleReferences
-from converter_core.validate import OrtRunner
+from converter_core.graph_files import external_data_files
+from converter_core.specs import GraphSnapshot, ModuleReferences, ModuleValidation
+from converter_core.validate import Policy, compare_file
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,19 @@ MAX_TURNS = 2000
 
 @dataclass
 class Accuracy:
-    """How a graph answers the PyTorch reference cases: gate metrics (worst case), max abs diff."""
+    """How a graph answers the PyTorch reference cases, as a pass reads it off its validation: gate
+    metrics (worst case), max abs diff per output, and every failure."""
 
     passed: bool
     metrics: dict[str, float] = field(default_factory=dict)  # "output:metric" -> worst value over cases
     max_abs_diff: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, validation: ModuleValidation) -> Accuracy:
+        return cls(validation.status == "passed", dict(validation.gates or {}),
+                   {check.name: check.max_abs_diff for check in validation.outputs.values()},
+                   list(validation.failures))
 
     def summary(self) -> str:
         return ", ".join(f"{key} {value:.6g}" for key, value in self.metrics.items()) or "no gates"
@@ -69,7 +76,7 @@ def graph_stats(path: Path) -> dict[str, Any]:
     model = onnx.load(str(path))
     return {
         "nodes": len(model.graph.node),
-        "bytes": path.stat().st_size,
+        "bytes": sum((path.parent / name).stat().st_size for name in (path.name, *external_data_files(path))),
         "weight_bytes": weight_bytes(model),
         "op_types": dict(Counter(node.op_type for node in model.graph.node).most_common()),
     }
@@ -113,48 +120,22 @@ def paired_latency_ms(paths: list[Path], inputs: dict[str, np.ndarray], config: 
     return [float(np.median(spent) * 1000) if spent else result for result, spent in zip(results, times)]
 
 
-def accuracy(path: Path, references: ModuleReferences, require_tolerance: bool = False) -> Accuracy:
-    """Run `path` on every reference case and judge it by the module's gates.
-
-    With `require_tolerance` (rewrites that claim not to change the numbers), or when the module
-    has no gates, every output must also stay within the module's validation tolerance.
-    """
-    try:
-        run = OrtRunner(path)
-        outputs = [run(reference.case.inputs) for reference in references.cases]
-    except Exception as exc:  # an op without a CPU kernel, a broken rewrite: the graph is unusable
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return Accuracy(False, failures=[f"ONNX Runtime cannot run the graph: {type(exc).__name__}: {message}"])
-    gates = check_gates(references, outputs)
-    diffs: dict[str, float] = {}
-    for reference, got in zip(references.cases, outputs):
-        for name, expected in reference.outputs.items():
-            actual = got[name]
-            diff = (
-                float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max())
-                if actual.shape == expected.shape and expected.size else (0.0 if actual.shape == expected.shape else np.inf)
-            )
-            diffs[name] = max(diffs.get(name, 0.0), diff) if not np.isnan(diff) else np.nan
-    failures = list(gates.failures)
-    if require_tolerance or not references.spec.gates:
-        failures += [
-            f"{name}: max abs diff {diff:.3g} > tolerance {references.atol:g}"
-            for name, diff in diffs.items() if not diff <= references.atol
-        ]
-    metrics = {key: float(value) for key, value in gates.metrics.items()}
-    return Accuracy(not failures, metrics, diffs, failures)
+def accuracy(path: Path, references: ModuleReferences, keeps_numbers: bool = False) -> Accuracy:
+    """Run `path` on every reference case and judge it by the module's gates; a rewrite that
+    `keeps_numbers` (or a module without gates) must also stay within the validation tolerance."""
+    validation, _ = compare_file(references, path, Policy.of(references, keeps_numbers=keeps_numbers))
+    return Accuracy.of(validation)
 
 
-def snapshot(path: Path, latency: float | str, threads: int, result: Accuracy) -> dict[str, Any]:
+def snapshot(path: Path, latency: float | str, threads: int, result: Accuracy) -> GraphSnapshot:
     """A graph's entry in a pass report: size, latency, and its accuracy."""
-    return {
-        **graph_stats(path),
-        "latency_ms": latency if isinstance(latency, float) else None,
-        **({} if isinstance(latency, float) else {"latency_error": latency}),
-        "threads": threads or "onnxruntime default",
-        "metrics": result.metrics,
-        "max_abs_diff": result.max_abs_diff,
-    }
+    stats = graph_stats(path)
+    return GraphSnapshot(
+        nodes=stats["nodes"], bytes=stats["bytes"], weight_bytes=stats["weight_bytes"], op_types=stats["op_types"],
+        latency_ms=latency if isinstance(latency, float) else None,
+        latency_error=None if isinstance(latency, float) else latency,
+        threads=threads or "onnxruntime default", metrics=result.metrics, max_abs_diff=result.max_abs_diff,
+    )
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from typing import Any
 
 import onnx
 
+from converter_core.graph_files import save_like
 from converter_core.specs import ModuleReferences
 from plugins.quant.gated import GainConfig, NumbersKeepingPass
 from plugins.quant.measure import LatencyConfig
@@ -46,5 +47,5 @@ class SimplifyPass(NumbersKeepingPass):
             skip_constant_folding=self.config.skip_constant_folding,
             skipped_optimizers=list(self.config.skipped_optimizers) or None,
         )
-        onnx.save(simplified, str(target))
+        save_like(simplified, target, source)
         return {"onnxsim_version": getattr(onnxsim, "__version__", "unknown"), "onnxsim_check": bool(checked)}

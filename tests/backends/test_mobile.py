@@ -18,7 +18,7 @@ from converter_core.pipeline import ConvertOptions, convert
 from converter_core.plugins import load_plugins
 from converter_core.specs import ExportedModule, ModuleSpec, ShapeCase, TensorSpec
 from plugins.backends.mobile import MobileBackend
-from tests.conftest import run_cli
+from tests.conftest import prepare, run_cli
 
 
 @pytest.fixture
@@ -121,6 +121,6 @@ def test_an_axis_without_a_size_is_an_error_naming_module_and_axis(tmp_path: Pat
     tensor = TensorSpec("ids", "float32", ("batch", "text"))
     spec = ModuleSpec("texty", (tensor,), (TensorSpec("out", "float32", ("batch", "text")),), ShapeCase("-", {}), [])
     with pytest.raises(InputError, match="module 'texty' has no size for its dynamic axis 'text'"):
-        MobileBackend().prepare([ExportedModule(spec, path)], tmp_path, {})
-    artifacts = MobileBackend().prepare([ExportedModule(spec, path)], tmp_path, {"fixed_sizes": {"text": 7}})
+        prepare(MobileBackend(), [ExportedModule(spec, path)], tmp_path)
+    artifacts = prepare(MobileBackend(), [ExportedModule(spec, path)], tmp_path, {"fixed_sizes": {"text": 7}})
     assert artifacts.config["modules"]["texty"]["inputs"] == {"ids": [1, 7]}

@@ -3,6 +3,7 @@ is ready for one, says plainly why it could not check it, and never pretends it 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from converter_core.errors import InputError
 from converter_core.specs import (
     BackendArtifacts,
     ExportedModule,
+    Gate,
     ModuleReferences,
     ModuleSpec,
     Reference,
@@ -23,10 +25,10 @@ from converter_core.specs import (
     TensorSpec,
 )
 from plugins.backends import tensorrt
-from plugins.backends.tensorrt import TensorrtBackend, provider_options
+from plugins.backends.tensorrt import TensorrtBackend, TensorrtOptions, provider_options
 from plugins.backends.tensorrt_environment import TensorrtEnvironment, probe
 from plugins.backends.tensorrt_graph_check import check_graph
-from tests.conftest import run_cli
+from tests.conftest import prepare, run_cli, validate
 
 
 @pytest.fixture
@@ -145,7 +147,7 @@ def _module(tmp_path: Path, model: onnx.ModelProto, name: str, axis_ranges: dict
 
 def test_the_precheck_names_what_tensorrt_cannot_take_before_any_build(tmp_path: Path):
     module = _module(tmp_path, _graph_with_if_and_unique(), "branchy", {"n": (1, 4, 16)})
-    artifacts = TensorrtBackend().prepare([module], tmp_path, {})
+    artifacts = prepare(TensorrtBackend(), [module], tmp_path, {})
 
     findings = json.loads((tmp_path / "tensorrt" / "precheck.json").read_text())["branchy"]["findings"]
     by_node = {f.get("node"): f for f in findings}
@@ -185,24 +187,24 @@ def _layer_norms() -> onnx.ModelProto:
 
 def test_fp16_keeps_layer_norms_in_float32_and_int8_needs_a_quantised_graph(tmp_path: Path):
     module = _module(tmp_path, _layer_norms(), "norms", {"batch": (1, 2, 4)})
-    config = TensorrtBackend().prepare([module], tmp_path, {"precision": "fp16"}).config
+    config = prepare(TensorrtBackend(), [module], tmp_path, {"precision": "fp16"}).config
     options = config["modules"]["norms"]["provider_options"]
     assert options["trt_fp16_enable"] == "True" and options["trt_layer_norm_fp32_fallback"] == "True"
     kept = {entry["node"] for entry in config["modules"]["norms"]["fp32_nodes"]}
     assert kept == {"square", "mean_square", "norm"}
 
     with pytest.raises(InputError, match="int8 needs a quantised graph.*norms has none"):
-        TensorrtBackend().prepare([module], tmp_path, {"precision": "int8"})
-    with pytest.raises(InputError, match="unknown precision 'bf17'"):
-        TensorrtBackend().prepare([module], tmp_path, {"precision": "bf17"})
+        prepare(TensorrtBackend(), [module], tmp_path, {"precision": "int8"})
+    with pytest.raises(InputError, match="precision='bf17': expected one of 'fp32', 'fp16', 'int8'"):
+        prepare(TensorrtBackend(), [module], tmp_path, {"precision": "bf17"})
 
 
 def test_an_axis_without_a_range_is_an_error_naming_module_and_axis(tmp_path: Path):
     module = _module(tmp_path, _layer_norms(), "norms", {})
     with pytest.raises(InputError, match="module 'norms' has no size range for its dynamic axis 'batch'"):
-        TensorrtBackend().prepare([module], tmp_path, {})
+        prepare(TensorrtBackend(), [module], tmp_path, {})
     # `--backend-option axis_ranges.batch=1,1,2` supplies it, and the configuration says so.
-    config = TensorrtBackend().prepare([module], tmp_path, {"axis_ranges.batch": "1,1,2"}).config
+    config = prepare(TensorrtBackend(), [module], tmp_path, {"axis_ranges.batch": "1,1,2"}).config
     assert config["modules"]["norms"]["axis_ranges"]["batch"] == {"min": 1, "opt": 1, "max": 2, "from": "option"}
     assert config["modules"]["norms"]["provider_options"]["trt_profile_max_shapes"] == "x:2x4"
 
@@ -215,10 +217,11 @@ def _machine(gpu: str = "NVIDIA H100 80GB HBM3") -> TensorrtEnvironment:
 def test_a_cache_is_reused_only_for_the_same_model_options_and_machine(tmp_path: Path):
     spec = _module(tmp_path, _layer_norms(), "norms", {}).spec
     ranges = {"batch": (1, 2, 4)}
-    cache = {"cache_dir": str(tmp_path / "c")}
+    cache = {"cache_dir": tmp_path / "c"}
 
     def engine_dir(sha="a" * 64, options=None, machine=None, ranges=ranges):
-        chosen, _ = provider_options(spec, ranges, sha, {**cache, **(options or {})}, machine or _machine())
+        typed = TensorrtOptions(**{**cache, **(options or {})})
+        chosen, _ = provider_options(spec, ranges, sha, typed, machine or _machine())
         return chosen["trt_engine_cache_path"], chosen["trt_timing_cache_path"]
 
     engine, timing = engine_dir()
@@ -240,6 +243,7 @@ class CpuStandIn:
     EP (optionally off by `error`) and reports TensorRT as its provider, as a working EP would."""
 
     error = 0.0
+    noise = 0.0  # times a standard normal, element by element
 
     def __init__(self, path, sess_options=None, providers=()):
         assert providers[0][0] == "TensorrtExecutionProvider"
@@ -252,13 +256,15 @@ class CpuStandIn:
         return self.session.get_outputs()
 
     def run(self, names, inputs):
-        return [out + np.float32(self.error) for out in self.session.run(names, inputs)]
+        rng = np.random.default_rng(0)
+        return [(out + self.error + self.noise * rng.standard_normal(out.shape)).astype(out.dtype)
+                for out in self.session.run(names, inputs)]
 
 
 def test_validate_compares_every_case_inside_the_profile_with_pytorch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     module = _module(tmp_path, _layer_norms(), "norms", {"batch": (1, 2, 4)})
     backend = TensorrtBackend()
-    artifacts: BackendArtifacts = backend.prepare([module], tmp_path, {})
+    artifacts: BackendArtifacts = prepare(backend, [module], tmp_path)
     # PyTorch's answer, computed by hand with numpy: layer norm of x plus the mean of its squares.
     cases = []
     for batch in (1, 3, 6):  # 6 lies outside the profile's max of 4
@@ -267,18 +273,48 @@ def test_validate_compares_every_case_inside_the_profile_with_pytorch(tmp_path: 
         cases.append(Reference(ShapeCase(f"batch={batch}", {"x": x}), {"y": normed + (x**2).mean(-1, keepdims=True)}))
     references = {"norms": ModuleReferences(module.spec, 1e-5, cases)}
 
-    skipped = backend.validate(artifacts, tmp_path, references)
+    skipped = validate(backend, artifacts, tmp_path, references)
     assert skipped.status == "skipped" and "CPUExecutionProvider" in skipped.reason
 
     monkeypatch.setattr(tensorrt, "probe", lambda: _machine())
     monkeypatch.setattr(ort, "InferenceSession", CpuStandIn)
-    passed = backend.validate(artifacts, tmp_path, references)
+    passed = validate(backend, artifacts, tmp_path, references)
     assert passed.status == "passed", passed.reason
     record = passed.details["modules"]["norms"]
     assert record["cases"] == ["batch=1", "batch=3"] and record["outside_profile"] == ["batch=6"]
     assert record["outputs"]["y"]["max_abs_diff"] < 1e-5
 
     monkeypatch.setattr(CpuStandIn, "error", 0.05)  # beyond fp32's 1e-3 + 1e-3 * |y|
-    failed = backend.validate(artifacts, tmp_path, references)
-    assert failed.status == "failed" and "norms.y at batch=1" in failed.reason
+    failed = validate(backend, artifacts, tmp_path, references)
+    assert failed.status == "failed" and "norms: output 'y' at batch=1" in failed.reason
     assert failed.details["modules"]["norms"]["outputs"]["y"]["max_abs_diff"] == pytest.approx(0.05, rel=1e-3)
+
+
+def test_a_module_a_kept_int8_pass_changed_is_judged_by_its_gates_on_tensorrt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """As in every other backend: the float tolerance for float graphs, the module's gates for a graph
+    an INT8/fp16 pass changed on purpose (its drifted copy of the comparison had ignored them)."""
+    module = _module(tmp_path, _layer_norms(), "norms", {"batch": (1, 2, 4)})
+    spec = dataclasses.replace(module.spec, gates=(Gate("y", "cosine", 0.999),))
+    module = dataclasses.replace(module, spec=spec)
+    cases = []
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 4)).astype(np.float32)
+        normed = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+        cases.append(Reference(ShapeCase(f"batch={batch}", {"x": x}), {"y": normed + (x**2).mean(-1, keepdims=True)}))
+    float_refs = ModuleReferences(spec, 1e-5, cases)
+    int8_refs = dataclasses.replace(float_refs, by_gates=True)
+    backend = TensorrtBackend()
+    artifacts = prepare(backend, [module], tmp_path)
+    monkeypatch.setattr(tensorrt, "probe", lambda: _machine())
+    monkeypatch.setattr(ort, "InferenceSession", CpuStandIn)
+    monkeypatch.setattr(CpuStandIn, "error", 0.02)  # an INT8 engine's kind of difference: cosine ~0.9999
+
+    assert validate(backend, artifacts, tmp_path, {"norms": float_refs}).status == "failed"
+    passed = validate(backend, artifacts, tmp_path, {"norms": int8_refs})
+    assert passed.status == "passed", passed.reason
+    record = passed.details["modules"]["norms"]
+    assert record["judged_by_gates"]["y:cosine"] >= 0.999 and record["max_abs_diff"] > 1e-3
+
+    monkeypatch.setattr(CpuStandIn, "noise", 0.5)  # a broken engine
+    failed = validate(backend, artifacts, tmp_path, {"norms": int8_refs})
+    assert failed.status == "failed" and "gate failed: y:cosine" in failed.reason

@@ -13,11 +13,10 @@ from converter_core.errors import InputError
 from plugins.blip.checkpoint import CheckpointError, load_blip_source
 from plugins.blip.presets import PRESETS, random_source
 from tests.blip.checkpoint_builders import (
+    salesforce_state_dict,
     save_hf_dir,
     save_pth,
     save_salesforce_safetensors,
-    salesforce_name,
-    salesforce_state_dict,
 )
 
 TINY = PRESETS["tiny"]

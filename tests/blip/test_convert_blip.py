@@ -14,8 +14,8 @@ import torch
 
 from converter_core.pipeline import ConvertOptions, convert
 from plugins.blip.checkpoint import load_blip_source
-from plugins.blip.modules import BlipConversion
 from plugins.blip.presets import random_source
+from plugins.blip.recipes import BlipConversion
 from tests.blip.checkpoint_builders import salesforce_state_dict, save_hf_dir, save_pth
 from tests.conftest import run_cli
 

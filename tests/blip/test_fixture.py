@@ -15,10 +15,10 @@ from transformers import BertTokenizer, BlipImageProcessor
 
 from plugins.blip import fixture
 from plugins.blip.checkpoint import load_blip_source
-from plugins.blip.fixture import scenes
-from plugins.blip.modules import BlipConversion
 from plugins.blip.conversion import load_source
+from plugins.blip.fixture import scenes
 from plugins.blip.plugin import converter_split_model
+from plugins.blip.recipes import BlipConversion
 from tests.conftest import REPO
 
 HELDOUT = 100

@@ -24,8 +24,8 @@ from transformers import BertTokenizer, BlipImageProcessorPil
 from converter_core.cli import run
 from converter_core.errors import InputError
 from converter_core.pipeline import ConvertOptions, convert
-from plugins.blip.modules import BlipConversion
 from plugins.blip.presets import random_source
+from plugins.blip.recipes import BlipConversion
 from plugins.blip.runtime import BlipRuntime
 from plugins.blip.source import BlipSource
 

@@ -15,7 +15,7 @@ from torch.export import Dim
 from torch.nn.functional import normalize
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-from plugins.blip import wrappers
+from plugins.blip import graphs, recipes, wrappers
 
 # Sharing one Dim per axis name still makes the exporter say each shared name "will not be used".
 # The treespec FutureWarning comes from torch.export's own internals.
@@ -100,7 +100,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-
 
 @torch.no_grad()
 def test_vision_encoder_gives_the_last_hidden_state(config, captioning):
-    pixel_values = wrappers.vision_inputs(config, batch=2)["pixel_values"]
+    pixel_values = recipes.vision_inputs(config, batch=2)["pixel_values"]
 
     image_embeds = wrappers.VisionEncoder(captioning.vision_model).eval()(pixel_values)
 
@@ -111,11 +111,11 @@ def test_vision_encoder_gives_the_last_hidden_state(config, captioning):
 
 @torch.no_grad()
 def test_text_encoder_matches_the_retrieval_model(config, retrieval):
-    inputs = wrappers.text_encoder_inputs(config, batch=3, text=7)
+    inputs = recipes.text_encoder_inputs(config, batch=3, text=7)
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     input_ids[:, 0] = CLS  # as a tokenizer gives it
     assert attention_mask[-1].sum() < 7, "one row must be padded"
-    pixel_values = wrappers.vision_inputs(config, batch=3, seed=1)["pixel_values"]
+    pixel_values = recipes.vision_inputs(config, batch=3, seed=1)["pixel_values"]
     image_embeds = retrieval.vision_model(pixel_values=pixel_values).last_hidden_state
 
     encoder = wrappers.TextEncoder(retrieval, enc_token_id=ENC, cls_token_id=CLS).eval()
@@ -136,10 +136,10 @@ def test_text_encoder_matches_the_retrieval_model(config, retrieval):
 
 @torch.no_grad()
 def test_decoder_first_step_matches_the_text_decoder_and_its_cache(config, captioning):
-    inputs = wrappers.decoder_first_inputs(config, batch=2, text=5)
+    inputs = recipes.decoder_first_inputs(config, batch=2, text=5)
     layers = config.text_config.num_hidden_layers
 
-    outputs = dict(zip(wrappers.decoder_first_output_names(layers), wrappers.DecoderFirstStep(captioning)(**inputs)))
+    outputs = dict(zip(graphs.decoder_first_outputs(layers), wrappers.DecoderFirstStep(captioning)(**inputs)))
 
     expected = captioning.text_decoder(
         input_ids=inputs["input_ids"], encoder_hidden_states=inputs["image_embeds"], use_cache=True
@@ -158,7 +158,7 @@ def test_decoder_first_step_matches_the_text_decoder_and_its_cache(config, capti
 @pytest.mark.parametrize("new", [1, 2])
 @torch.no_grad()
 def test_decoder_with_past_continues_the_full_forward(config, captioning, prefix, new):
-    inputs = wrappers.decoder_first_inputs(config, batch=2, text=prefix + new, seed=prefix)
+    inputs = recipes.decoder_first_inputs(config, batch=2, text=prefix + new, seed=prefix)
     input_ids, image_embeds = inputs["input_ids"], inputs["image_embeds"]
     layers = config.text_config.num_hidden_layers
     full = captioning.text_decoder(input_ids=input_ids, encoder_hidden_states=image_embeds, use_cache=True)
@@ -192,7 +192,7 @@ def greedy_caption(first_step, with_past, image_embeds, prompt, max_new_tokens, 
 
 @torch.no_grad()
 def test_cached_greedy_decoding_gives_the_tokens_of_generate(config, captioning):
-    pixel_values = wrappers.vision_inputs(config, batch=2)["pixel_values"]
+    pixel_values = recipes.vision_inputs(config, batch=2)["pixel_values"]
     image_embeds = wrappers.VisionEncoder(captioning.vision_model)(pixel_values)
     # generate() takes tokenizer output: it puts [DEC] over [CLS] and drops the trailing [SEP].
     tokenized = torch.tensor([[CLS, 5, 6, 7, SEP]]).repeat(2, 1)
@@ -217,7 +217,7 @@ def test_cached_greedy_decoding_gives_the_tokens_of_generate(config, captioning)
 
 
 def test_io_names_follow_the_layer_count():
-    assert wrappers.decoder_first_output_names(2) == [
+    assert graphs.decoder_first_outputs(2) == [
         "logits",
         "present.0.self_key",
         "present.0.self_value",
@@ -228,14 +228,14 @@ def test_io_names_follow_the_layer_count():
         "cross.1.key",
         "cross.1.value",
     ]
-    assert wrappers.decoder_past_input_names(1) == [
+    assert graphs.decoder_past_inputs(1) == [
         "input_ids",
         "past.0.self_key",
         "past.0.self_value",
         "cross.0.key",
         "cross.0.value",
     ]
-    assert wrappers.decoder_past_output_names(1) == ["logits", "present.0.self_key", "present.0.self_value"]
+    assert graphs.decoder_past_outputs(1) == ["logits", "present.0.self_key", "present.0.self_value"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,23 +243,36 @@ def test_io_names_follow_the_layer_count():
 # --------------------------------------------------------------------------------------------
 
 
+def io_names(wrapper: torch.nn.Module) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
+    """The graph's input and output names and named axes (plugins.blip.graphs), for this wrapper."""
+    if isinstance(wrapper, wrappers.VisionEncoder):
+        return list(graphs.VISION_INPUTS), list(graphs.VISION_OUTPUTS), graphs.vision_axes()
+    if isinstance(wrapper, wrappers.TextEncoder):
+        return list(graphs.TEXT_ENCODER_INPUTS), list(graphs.TEXT_ENCODER_OUTPUTS), graphs.text_encoder_axes()
+    layers = wrapper.num_layers
+    if isinstance(wrapper, wrappers.DecoderFirstStep):
+        return list(graphs.DECODER_FIRST_INPUTS), graphs.decoder_first_outputs(layers), graphs.decoder_first_axes(layers)
+    return graphs.decoder_past_inputs(layers), graphs.decoder_past_outputs(layers), graphs.decoder_past_axes(layers)
+
+
 def export(wrapper: torch.nn.Module, example: dict[str, torch.Tensor], path) -> ort.InferenceSession:
     """torch.onnx.export through torch.export with one shared Dim per named axis."""
+    input_names, output_names, named_axes = io_names(wrapper)
     dims: dict[str, Dim] = {}
     dynamic_shapes = tuple(
-        {axis: dims.setdefault(name, Dim(name)) for axis, name in wrapper.axes.get(input_name, {}).items()}
-        for input_name in wrapper.input_names
+        {axis: dims.setdefault(name, Dim(name)) for axis, name in named_axes.get(input_name, {}).items()}
+        for input_name in input_names
     )
-    assert list(example) == list(wrapper.input_names)
-    for input_name, axes in zip(wrapper.input_names, dynamic_shapes):
+    assert list(example) == input_names
+    for input_name, axes in zip(input_names, dynamic_shapes):
         assert all(example[input_name].shape[axis] >= 2 for axis in axes), "torch.export specialises sizes 0 and 1"
     with torch.no_grad():
         torch.onnx.export(
             wrapper.eval(),
             tuple(example.values()),
             str(path),
-            input_names=list(wrapper.input_names),
-            output_names=list(wrapper.output_names),
+            input_names=input_names,
+            output_names=output_names,
             dynamic_shapes=dynamic_shapes,
             opset_version=18,
             dynamo=True,
@@ -270,14 +283,15 @@ def export(wrapper: torch.nn.Module, example: dict[str, torch.Tensor], path) -> 
 
 
 def assert_onnx_matches_torch(session: ort.InferenceSession, wrapper: torch.nn.Module, inputs) -> float:
-    assert [i.name for i in session.get_inputs()] == list(wrapper.input_names)
-    assert [o.name for o in session.get_outputs()] == list(wrapper.output_names)
+    input_names, output_names, _ = io_names(wrapper)
+    assert [i.name for i in session.get_inputs()] == input_names
+    assert [o.name for o in session.get_outputs()] == output_names
     actual = session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})
     with torch.no_grad():
         expected = wrapper(*inputs.values())
     expected = expected if isinstance(expected, tuple) else (expected,)
     worst = 0.0
-    for name, got, want in zip(wrapper.output_names, actual, expected):
+    for name, got, want in zip(output_names, actual, expected):
         assert got.shape == tuple(want.shape), name
         diff = float(np.abs(got - want.numpy()).max())
         assert diff <= 1e-4, f"{name}: max abs diff {diff:.3g}"
@@ -300,20 +314,20 @@ def with_image_tokens(inputs: dict[str, torch.Tensor], tokens: int) -> dict[str,
 
 def test_vision_encoder_exports_with_dynamic_batch(config, captioning, tmp_path):
     wrapper = wrappers.VisionEncoder(captioning.vision_model)
-    session = export(wrapper, wrappers.vision_inputs(config, batch=2), tmp_path / "vision.onnx")
+    session = export(wrapper, recipes.vision_inputs(config, batch=2), tmp_path / "vision.onnx")
 
     assert session.get_inputs()[0].shape == ["batch", 3, 64, 64]
     for batch in (1, 2, 3):
-        assert_onnx_matches_torch(session, wrapper, wrappers.vision_inputs(config, batch=batch, seed=batch))
+        assert_onnx_matches_torch(session, wrapper, recipes.vision_inputs(config, batch=batch, seed=batch))
 
 
 def test_text_encoder_exports_with_dynamic_batch_text_and_image_tokens(config, retrieval, tmp_path):
     wrapper = wrappers.TextEncoder(retrieval, enc_token_id=ENC, cls_token_id=CLS)
-    session = export(wrapper, wrappers.text_encoder_inputs(config, batch=2, text=5), tmp_path / "text.onnx")
+    session = export(wrapper, recipes.text_encoder_inputs(config, batch=2, text=5), tmp_path / "text.onnx")
 
     for batch, text in ((1, 1), (1, 4), (3, 7)):
-        assert_onnx_matches_torch(session, wrapper, wrappers.text_encoder_inputs(config, batch, text, seed=text))
-    assert_onnx_matches_torch(session, wrapper, with_image_tokens(wrappers.text_encoder_inputs(config, 2, 3), 5))
+        assert_onnx_matches_torch(session, wrapper, recipes.text_encoder_inputs(config, batch, text, seed=text))
+    assert_onnx_matches_torch(session, wrapper, with_image_tokens(recipes.text_encoder_inputs(config, 2, 3), 5))
 
 
 @pytest.fixture(scope="module")
@@ -321,8 +335,8 @@ def decoder_sessions(config, captioning, tmp_path_factory):
     folder = tmp_path_factory.mktemp("decoder")
     first, with_past = wrappers.DecoderFirstStep(captioning), wrappers.DecoderWithPast(captioning)
     return {
-        "first": (first, export(first, wrappers.decoder_first_inputs(config, 2, 3), folder / "first.onnx")),
-        "past": (with_past, export(with_past, wrappers.decoder_past_inputs(config, 2, 2, 3), folder / "past.onnx")),
+        "first": (first, export(first, recipes.decoder_first_inputs(config, 2, 3), folder / "first.onnx")),
+        "past": (with_past, export(with_past, recipes.decoder_past_inputs(config, 2, 2, 3), folder / "past.onnx")),
     }
 
 
@@ -330,8 +344,8 @@ def test_decoder_first_step_exports_with_dynamic_batch_text_and_image_tokens(con
     wrapper, session = decoder_sessions["first"]
 
     for batch, text in ((1, 1), (1, 4), (3, 7)):
-        assert_onnx_matches_torch(session, wrapper, wrappers.decoder_first_inputs(config, batch, text, seed=text))
-    assert_onnx_matches_torch(session, wrapper, with_image_tokens(wrappers.decoder_first_inputs(config, 2, 2), 5))
+        assert_onnx_matches_torch(session, wrapper, recipes.decoder_first_inputs(config, batch, text, seed=text))
+    assert_onnx_matches_torch(session, wrapper, with_image_tokens(recipes.decoder_first_inputs(config, 2, 2), 5))
 
 
 def test_decoder_with_past_exports_with_dynamic_batch_new_past_and_image_tokens(config, decoder_sessions):
@@ -340,8 +354,8 @@ def test_decoder_with_past_exports_with_dynamic_batch_new_past_and_image_tokens(
     present = session.get_outputs()[1]
     assert present.name == "present.0.self_key" and present.shape[2] == "past + new"
     for batch, new, past in ((1, 1, 1), (2, 1, 5), (3, 3, 1), (1, 2, 9)):
-        assert_onnx_matches_torch(session, wrapper, wrappers.decoder_past_inputs(config, batch, new, past, seed=past))
-    assert_onnx_matches_torch(session, wrapper, with_image_tokens(wrappers.decoder_past_inputs(config, 2, 1, 4), 5))
+        assert_onnx_matches_torch(session, wrapper, recipes.decoder_past_inputs(config, batch, new, past, seed=past))
+    assert_onnx_matches_torch(session, wrapper, with_image_tokens(recipes.decoder_past_inputs(config, 2, 1, 4), 5))
 
 
 def test_onnx_decoder_graphs_caption_like_generate(config, captioning, decoder_sessions):
@@ -352,7 +366,7 @@ def test_onnx_decoder_graphs_caption_like_generate(config, captioning, decoder_s
 
         return call
 
-    pixel_values = wrappers.vision_inputs(config, batch=2)["pixel_values"]
+    pixel_values = recipes.vision_inputs(config, batch=2)["pixel_values"]
     with torch.no_grad():
         image_embeds = captioning.vision_model(pixel_values=pixel_values).last_hidden_state
         expected = captioning.generate(

@@ -7,7 +7,7 @@ import torch
 from converter_core.pipeline import ConvertOptions, convert, parse_pass_policy
 from plugins.blip import fixture
 from plugins.blip.conversion import load_source
-from plugins.blip.modules import BlipConversion
+from plugins.blip.recipes import BlipConversion
 from plugins.blip.runtime import BlipRuntime
 
 HELDOUT = 100

@@ -25,10 +25,11 @@ from converter_core.export import export_with_torch
 from converter_core.pipeline import ConvertOptions, convert, parse_pass_policy
 from converter_core.plugins import load_plugins
 from converter_core.validate import torch_references
-from plugins.blip import wrappers
+from plugins.blip import recipes, wrappers
 from plugins.blip.calibration import calibration_cases
-from plugins.blip.modules import TEXT_DECODER, TEXT_DECODER_WITH_PAST, TEXT_ENCODER, VISION_ENCODER, BlipConversion, module_specs
+from plugins.blip.graphs import TEXT_DECODER, TEXT_DECODER_WITH_PAST, TEXT_ENCODER, VISION_ENCODER
 from plugins.blip.presets import random_source
+from plugins.blip.recipes import RECIPE, BlipConversion, module_spec
 from plugins.quant.int8_static import Int8StaticConfig, Int8StaticPass
 from plugins.quant.plugin import passes
 
@@ -98,12 +99,6 @@ def vision(source, converted):
     return out / "vision_encoder.onnx", torch_references(wrapper, spec, spec.atol)
 
 
-def blip_wrapper(blip, name: str) -> torch.nn.Module:
-    makers = {VISION_ENCODER: lambda m: wrappers.VisionEncoder(m.vision_model), TEXT_DECODER: wrappers.DecoderFirstStep,
-              TEXT_DECODER_WITH_PAST: wrappers.DecoderWithPast}
-    return makers[name](blip.captioning)
-
-
 def apply(graph_pass, path: Path, references, tmp_path: Path):
     tmp_path.mkdir(parents=True, exist_ok=True)
     source = tmp_path / path.name
@@ -144,11 +139,11 @@ def test_a_too_aggressive_setting_is_rejected_and_the_module_stays_float32(sourc
 def test_int8_dynamic_shrinks_the_vision_encoder_within_its_cosine_gate(source, vision, tmp_path):
     report, target = apply(pass_named("int8-dynamic"), *vision, tmp_path)
     assert report.kept, report.reason
-    assert report.after["metrics"]["image_embeds:cosine"] >= 0.999
+    assert report.after.metrics["image_embeds:cosine"] >= 0.999
     # The tiny model's patch embedding and position table are a large share of it; they stay float.
-    assert report.after["weight_bytes"] < 0.5 * report.before["weight_bytes"]
+    assert report.after.weight_bytes < 0.5 * report.before.weight_bytes
     for side in (report.before, report.after):
-        assert side["nodes"] > 0 and side["bytes"] > 0 and side["latency_ms"] > 0
+        assert side.nodes > 0 and side.bytes > 0 and side.latency_ms > 0
     assert "MatMulInteger" in op_types(target)
     assert "Conv" in op_types(target) and "ConvInteger" not in op_types(target), "the patch embedding stays float"
     pixels = image(source, seed=12, batch=3)
@@ -172,7 +167,7 @@ def test_int8_dynamic_on_the_decoder_keeps_its_next_tokens(source, converted):
     graph = out / "text_decoder.onnx"
     assert "MatMulInteger" in op_types(graph)
     config = source.captioning.config
-    inputs = {k: v.numpy() for k, v in wrappers.decoder_first_inputs(config, batch=2, text=7, seed=21).items()}
+    inputs = {k: v.numpy() for k, v in recipes.decoder_first_inputs(config, batch=2, text=7, seed=21).items()}
     with torch.no_grad():
         expected = wrappers.DecoderFirstStep(source.captioning)(*map(torch.from_numpy, inputs.values()))[0].numpy()
     logits = run(graph, inputs)[0]
@@ -199,7 +194,7 @@ def test_fp16_keeps_float32_inputs_and_outputs_and_layer_norm(source, converted)
     assert matmuls and all(types[n.output[0]] == TensorProto.FLOAT16 for n in matmuls)
 
     wrapper = wrappers.DecoderWithPast(source.captioning)
-    inputs = {k: v.numpy() for k, v in wrappers.decoder_past_inputs(source.captioning.config, 2, 1, 6, seed=22).items()}
+    inputs = {k: v.numpy() for k, v in recipes.decoder_past_inputs(source.captioning.config, 2, 1, 6, seed=22).items()}
     with torch.no_grad():
         expected = wrapper(*map(torch.from_numpy, inputs.values()))[0].numpy()
     logits = run(out / "text_decoder_with_past.onnx", inputs)[0]
@@ -215,7 +210,7 @@ def test_fusion_fuses_the_vision_encoder_without_changing_its_numbers(source, vi
     layers = source.captioning.config.vision_config.num_hidden_layers
     assert fused.get("BiasGelu") == layers  # one per MLP: fc1's bias and the erf GELU
     assert fused.get("Attention") == layers  # the packed-qkv self-attention ORT's own optimizer misses
-    assert report.after["nodes"] < report.before["nodes"]
+    assert report.after.nodes < report.before.nodes
     contrib = {n.op_type for n in onnx.load(str(target)).graph.node if n.domain == "com.microsoft"}
     assert set(report.details["contrib_ops"]) == contrib
     pixels = image(source, seed=13)
@@ -257,8 +252,8 @@ def test_int8_static_says_what_it_calibrated_on(source, converted, vision, tmp_p
     for name in modules:  # every case feeds its graph: the spec's input names and dtypes
         declared = {t.name: t.dtype for t in result.modules[name].spec.inputs}
         assert all({k: str(v.dtype) for k, v in case.inputs.items()} == declared for case in cases[name])
-    spec = dataclasses.replace(references.spec, calibration=cases[VISION_ENCODER])
-    report, target = apply(pass_named("int8-static"), path, dataclasses.replace(references, spec=spec), tmp_path / "own")
+    calibrated = dataclasses.replace(references, calibration=cases[VISION_ENCODER])
+    report, target = apply(pass_named("int8-static"), path, calibrated, tmp_path / "own")
     assert report.details["calibration"] == {"source": "module calibration data", "cases": 3,
                                              "labels": ["images 0..1", "images 2..3", "images 4..4"]}
     assert report.kept, report.reason
@@ -273,8 +268,7 @@ def outlier(tmp_path_factory):
     fc2 = blip.captioning.vision_model.encoder.layers[1].mlp.fc2
     with torch.no_grad():
         fc2.weight[5, 7] = 3.0
-    specs, _ = module_specs(BlipConversion(blip), lambda name: blip_wrapper(blip, name))
-    spec = next(s for s in specs if s.name == VISION_ENCODER)
+    spec = module_spec(RECIPE[VISION_ENCODER], BlipConversion(blip))
     wrapper = wrappers.VisionEncoder(blip.captioning.vision_model)
     path = tmp_path_factory.mktemp("outlier") / "vision_encoder.onnx"
     export_with_torch(wrapper, spec, path)
@@ -348,7 +342,7 @@ def test_a_backend_judges_a_quantised_module_by_its_gates_and_a_float_one_by_ato
     monkeypatch.setattr(console, "stdout", Console(width=300))  # one table row per line
     console.print_summary(result)
     rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("│")}
-    metric = result.modules[TEXT_DECODER].passes[0].after["metrics"]["logits:cosine"]
+    metric = result.modules[TEXT_DECODER].passes[0].after.metrics["logits:cosine"]
     assert f"int8-dynamic (logits:cosine {metric:.4g}" in rows[TEXT_DECODER]
     assert "int8-dynamic" not in rows[VISION_ENCODER]
 

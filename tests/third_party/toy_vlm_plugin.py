@@ -34,6 +34,7 @@ from converter_core.extension import Backend, GraphPass
 from converter_core.specs import (
     Availability,
     BackendArtifacts,
+    BackendContext,
     BackendValidation,
     ExportedModule,
     ModuleReferences,
@@ -110,7 +111,18 @@ def converter_split_model(source: object) -> SplitPlan | None:
         not_exported={"decoder": "the toy model has no decoder"},
         metadata={"toy": {"classes": CLASSES}},
         assets={"labels.txt": b"zero\none\ntwo\n"},
+        calibration=toy_calibration,
     )
+
+
+CALIBRATION_CALLS: list[tuple[str, ...]] = []  # what the pipeline asked the plan for, for the tests
+
+
+def toy_calibration(modules) -> dict[str, list[ShapeCase]]:
+    """"Realistic" inputs: four cases of token features per module asked for."""
+    CALIBRATION_CALLS.append(tuple(modules))
+    name = {"encoder": "features", "head": "hidden"}
+    return {module: [_case(2, 4, 100 + i, name[module]) for i in range(4)] for module in modules}
 
 
 @hookimpl
@@ -174,10 +186,24 @@ class ScaleWeights(GraphPass):
         )
 
 
+class CalibrationProbe(GraphPass):
+    """A static pass by a third party: it needs calibration inputs, and says how many it got."""
+
+    name = "toy-calibrated"
+    description = "reports the calibration inputs it was given (a test pass)"
+    needs_calibration = True
+
+    def apply(self, source: Path, target: Path, references: ModuleReferences) -> PassReport:
+        return PassReport(self.name, references.spec.name, kept=False, reason="a probe keeps nothing",
+                          details={"calibration_cases": len(references.calibration),
+                                   "labels": [case.label for case in references.calibration]})
+
+
 @hookimpl
 def converter_register_passes(register: Callable[[GraphPass], None]) -> None:
     register(ScaleWeights("toy-identity", 1.0))
     register(ScaleWeights("toy-ruin", 1.5))
+    register(CalibrationProbe())
 
 
 class ToyRemoteBackend(Backend):
@@ -187,18 +213,33 @@ class ToyRemoteBackend(Backend):
     def availability(self) -> Availability:
         return Availability(False, "no toy accelerator is attached to this machine")
 
-    def prepare(self, modules: list[ExportedModule], out_dir: Path, options: dict[str, Any]) -> BackendArtifacts:
-        config = {"modules": [m.spec.name for m in modules]}
+    def prepare(self, modules: list[ExportedModule], out_dir: Path, options: Any,
+                context: BackendContext) -> BackendArtifacts:
+        config = {"modules": [m.spec.name for m in modules],
+                  "task": context.tasks.describe() if isinstance(context.tasks, ToyTasks) else None}
         (out_dir / "toy-remote.json").write_text(json.dumps(config))
         return BackendArtifacts(self.name, ["toy-remote.json"], config)
 
-    def validate(self, artifacts: BackendArtifacts, out_dir: Path, references: dict[str, ModuleReferences]) -> BackendValidation:
+    def validate(self, artifacts: BackendArtifacts, out_dir: Path, references: dict[str, ModuleReferences],
+                 context: BackendContext) -> BackendValidation:
         return BackendValidation("skipped", self.availability().reason)
 
 
 @hookimpl
 def converter_register_backends(register: Callable[[Backend], None]) -> None:
     register(ToyRemoteBackend())
+
+
+class ToyTasks:
+    """The toy model's task layer for its remote backend: what a served request computes."""
+
+    def describe(self) -> str:
+        return f"classify token features into {CLASSES} classes: encoder, then head"
+
+
+@hookimpl
+def converter_backend_tasks(backend: str, model_type: str) -> object | None:
+    return ToyTasks() if backend == "toy-remote" and model_type == "toy" else None
 
 
 @hookimpl

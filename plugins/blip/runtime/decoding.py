@@ -34,6 +34,7 @@ import numpy as np
 import onnxruntime as ort
 
 from converter_core.errors import InputError
+from plugins.blip import graphs
 
 NEG = np.float32(-1.0e9)  # generate's "ruled out" score; added, not assigned, so sums stay ordered
 
@@ -73,33 +74,36 @@ class CachedDecoder:
     Cache tensors are matched by name: `present.{i}.self_key` comes back as `past.{i}.self_key`.
     """
 
-    def __init__(self, first_step: ort.InferenceSession, with_past: ort.InferenceSession):
+    def __init__(self, first_step: ort.InferenceSession, with_past: ort.InferenceSession, num_layers: int):
         self.first_step, self.with_past = first_step, with_past
-        self._first_outputs = [o.name for o in first_step.get_outputs()]
-        self._past_outputs = [o.name for o in with_past.get_outputs()]
-        self.present = [name for name in self._first_outputs if name.startswith("present.")]
-        self.cross = [name for name in self._first_outputs if name.startswith("cross.")]
-        self.past = [name.replace("present.", "past.", 1) for name in self.present]
-        expected = {"input_ids", *self.past, *self.cross}
-        got = {i.name for i in with_past.get_inputs()}
-        if got != expected or [n for n in self._past_outputs if n.startswith("present.")] != self.present:
-            raise InputError(f"the decoder graphs do not fit together: with_past takes {sorted(got)}, "
-                             f"the first step gives {self._first_outputs}")
+        self.present, self.past = graphs.present_names(num_layers), graphs.past_names(num_layers)
+        self.cross = graphs.cross_names(num_layers)
+        self._first_outputs = graphs.decoder_first_outputs(num_layers)
+        self._past_outputs = graphs.decoder_past_outputs(num_layers)
+        found = {
+            "first step outputs": ([o.name for o in first_step.get_outputs()], self._first_outputs),
+            "with-past inputs": ([i.name for i in with_past.get_inputs()], graphs.decoder_past_inputs(num_layers)),
+            "with-past outputs": ([o.name for o in with_past.get_outputs()], self._past_outputs),
+        }
+        for what, (got, expected) in found.items():
+            if got != expected:
+                raise InputError(f"the decoder graphs do not fit a {num_layers}-layer BLIP decoder: {what} are "
+                                 f"{got[:6]}{'...' if len(got) > 6 else ''}, expected {expected[:6]}...")
 
     def start(self, input_ids: np.ndarray, image_embeds: np.ndarray) -> tuple[np.ndarray, Cache]:
         """Logits of the last prompt position [batch, vocab] and the cache after the prompt."""
         outputs = dict(zip(self._first_outputs, self.first_step.run(
-            None, {"input_ids": input_ids.astype(np.int64), "image_embeds": image_embeds})))
+            self._first_outputs, {graphs.INPUT_IDS: input_ids.astype(np.int64), graphs.IMAGE_EMBEDS: image_embeds})))
         cache = Cache([outputs[n] for n in self.present], [outputs[n] for n in self.cross])
-        return outputs["logits"][:, -1], cache
+        return outputs[graphs.LOGITS][:, -1], cache
 
     def advance(self, tokens: np.ndarray, cache: Cache) -> tuple[np.ndarray, Cache]:
         """Feed one token per row [batch]; logits of it [batch, vocab] and the grown cache."""
-        feeds = {"input_ids": tokens.astype(np.int64).reshape(-1, 1)}
+        feeds = {graphs.INPUT_IDS: tokens.astype(np.int64).reshape(-1, 1)}
         feeds.update(zip(self.past, cache.self_kv))
         feeds.update(zip(self.cross, cache.cross))
-        outputs = dict(zip(self._past_outputs, self.with_past.run(None, feeds)))
-        return outputs["logits"][:, -1], Cache([outputs[n] for n in self.present], cache.cross)
+        outputs = dict(zip(self._past_outputs, self.with_past.run(self._past_outputs, feeds)))
+        return outputs[graphs.LOGITS][:, -1], Cache([outputs[n] for n in self.present], cache.cross)
 
 
 def decode(decoder: CachedDecoder, image_embeds: np.ndarray, prompt_ids: Sequence[int], options: DecodingOptions,

@@ -19,15 +19,17 @@ from PIL import Image
 
 from converter_core.errors import InputError
 from converter_core.output import MANIFEST_NAME, sha256_file
+from plugins.blip import graphs
+from plugins.blip.graphs import (
+    RETRIEVAL_VISION_ENCODER,
+    TEXT_DECODER,
+    TEXT_DECODER_WITH_PAST,
+    TEXT_ENCODER,
+    VISION_ENCODER,
+)
 from plugins.blip.runtime.decoding import CachedDecoder, DecodingOptions, decode
 from plugins.blip.runtime.preprocess import Preprocessor, load_image
 from plugins.blip.runtime.tokenizer import BlipTokenizer
-
-VISION_ENCODER = "vision_encoder"
-RETRIEVAL_VISION_ENCODER = "retrieval_vision_encoder"  # only when retrieval's vision weights differ
-TEXT_ENCODER = "text_encoder"
-TEXT_DECODER = "text_decoder"
-TEXT_DECODER_WITH_PAST = "text_decoder_with_past"
 
 ImageInput = Image.Image | str | Path
 
@@ -106,9 +108,12 @@ class BlipRuntime:
                 raise InputError(f"{self.out_dir}: has no {module} ({reason})")
             entry = self.manifest["modules"][module]
             path = self.out_dir / entry["file"]
-            if sha256_file(path) != entry["sha256"]:
-                raise InputError(f"{path}: its sha256 differs from the manifest's; the file changed after "
-                                 "conversion: convert the model again")
+            # The graph names its external-data files itself; both are pinned by the manifest's hashes.
+            for file, expected in [(entry["file"], entry["sha256"]),
+                                   *((data["file"], data["sha256"]) for data in entry.get("data_files", []))]:
+                if sha256_file(self.out_dir / file) != expected:
+                    raise InputError(f"{self.out_dir / file}: its sha256 differs from the manifest's; the file "
+                                     "changed after conversion: convert the model again")
             options = ort.SessionOptions()
             if self._threads:
                 options.intra_op_num_threads = self._threads
@@ -136,7 +141,7 @@ class BlipRuntime:
         return self.preprocess([load_image(i) if isinstance(i, (str, Path)) else i for i in images])
 
     def image_embeds(self, images: Sequence[ImageInput], module: str = VISION_ENCODER) -> np.ndarray:
-        return self.session(module).run(None, {"pixel_values": self.pixel_values(images)})[0]
+        return self.session(module).run(None, {graphs.PIXEL_VALUES: self.pixel_values(images)})[0]
 
     def prompt_ids(self, prompt: str | None = None) -> list[int]:
         """Decoder input for `prompt` (None: the manifest's prompt; "": none, `[DEC]` alone)."""
@@ -184,7 +189,8 @@ class BlipRuntime:
         if len(ids) + max_tokens > limit:
             raise InputError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                              f"{limit} positions")
-        decoder = CachedDecoder(self.session(TEXT_DECODER), self.session(TEXT_DECODER_WITH_PAST))
+        decoder = CachedDecoder(self.session(TEXT_DECODER), self.session(TEXT_DECODER_WITH_PAST),
+                                int(self.generation["num_layers"]))
         options = DecodingOptions(beams=beams, max_tokens=max_tokens, min_tokens=min_tokens,
                                   repetition_penalty=repetition_penalty)
         decoded = decode(decoder, self.image_embeds(images), ids, options,
@@ -203,9 +209,9 @@ class BlipRuntime:
         image_embeds = self.image_embeds([image], vision)
         input_ids, attention_mask = self.tokenizer.batch(texts)
         itm, text_features, image_features = self.session(TEXT_ENCODER).run(
-            ["itm_probability", "text_features", "image_features"],
-            {"input_ids": input_ids, "attention_mask": attention_mask,
-             "image_embeds": np.repeat(image_embeds, len(texts), axis=0)},
+            list(graphs.TEXT_ENCODER_OUTPUTS),
+            {graphs.INPUT_IDS: input_ids, graphs.ATTENTION_MASK: attention_mask,
+             graphs.IMAGE_EMBEDS: np.repeat(image_embeds, len(texts), axis=0)},
         )
         itc = (text_features * image_features).sum(axis=-1)
         return [Match(text, float(p), float(s)) for text, p, s in zip(texts, itm, itc)]
