@@ -25,6 +25,7 @@ from onnx import TensorProto, helper
 
 from benchmarks.latency import Timing, TimingConfig, time_in_turns
 
+
 def matmul_graph(op: str, n: int, a_type: int, b_type: int, out_type: int) -> bytes:
     inputs = [helper.make_tensor_value_info("a", a_type, [n, n]), helper.make_tensor_value_info("b", b_type, [n, n])]
     output = helper.make_tensor_value_info("y", out_type, [n, n])
