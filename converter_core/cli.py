@@ -7,7 +7,9 @@ Exit codes: 0 ok, 1 a check failed, 2 bad input or usage, 3 an internal error (a
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import traceback
 from typing import Annotated, Any
 
@@ -17,7 +19,14 @@ from rich.table import Table
 
 from converter_core import hookspecs
 from converter_core.console import stderr, stdout, verbosity
-from converter_core.errors import CheckFailed, ConverterError, InputError, PluginError
+from converter_core.errors import (
+    CheckFailed,
+    ConverterError,
+    EnvironmentFailure,
+    InputError,
+    PluginError,
+    environment_error,
+)
 from converter_core.options import option_table
 from converter_core.plugins import (
     PluginFailure,
@@ -163,10 +172,30 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+class Terminated(BaseException):
+    """SIGTERM, handled like Ctrl-C: the run stops, its staging folder goes, an earlier output stays.
+    A BaseException, so that no `except Exception` in plugin code swallows it (and Typer, which
+    turns KeyboardInterrupt into exit 130, lets it through)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code instead of exiting."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbosity.debug = "--debug" in argv
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _run(argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str]) -> int:
     try:
         host = get_plugin_manager()
         app = build_app(host)
@@ -182,9 +211,14 @@ def run(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KeyboardInterrupt:
         stderr.print("interrupted")
-        return 130
-    except (InputError, PluginError) as exc:
+        return 128 + signal.SIGINT
+    except Terminated:
+        stderr.print("terminated")
+        return 128 + signal.SIGTERM
+    except (InputError, PluginError, EnvironmentFailure) as exc:
         return _fail(str(exc), 2)
+    except OSError as exc:  # the machine said no (a full disk, a read-only folder): not a bug, not a check
+        return _fail(str(environment_error(exc) or f"environment error: {exc}"), 2)
     except CheckFailed as exc:
         return _fail(str(exc), 1)
     except ConverterError as exc:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from converter_core.errors import ConverterError, InputError
+from converter_core.errors import ConverterError, InputError, raise_if_environment
 from converter_core.graph_files import EXTERNAL_DATA_ABOVE
 from converter_core.specs import ModuleSpec
 
@@ -99,6 +99,7 @@ def export_with_torch(wrapper: torch.nn.Module, spec: ModuleSpec, path: Path,
                 verbose=False,
             )
     except Exception as exc:
+        raise_if_environment(exc)
         raise ExportError(f"{spec.name}: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
     check_graph_io(spec, path)
 

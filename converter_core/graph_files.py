@@ -36,8 +36,12 @@ def data_locations(model: onnx.ModelProto) -> list[str]:
 
 
 def external_data_files(path: Path) -> tuple[str, ...]:
-    """The external-data files of the graph at `path`, relative to its folder; each must lie inside it."""
-    model = onnx.load(str(path), load_external_data=False)
+    """The external-data files of the graph at `path`, relative to its folder; each must lie inside it.
+    A file that is no graph at all names none (loading it fails where it is validated)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends: not a graph
+        return ()
     locations = tuple(data_locations(model))
     folder = path.parent.resolve()
     for location in locations:
@@ -93,7 +97,7 @@ def remove_graph(path: Path) -> None:
         return
     try:
         locations = external_data_files(path)
-    except Exception:  # an unreadable graph has no data files we could know of
+    except InputError:  # a data file outside the folder is not ours to delete
         locations = ()
     for location in locations:
         (path.parent / location).unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from converter_core.output import MANIFEST_NAME
+from converter_core.output import MANIFEST_NAME, STAGING_MARK, stage_files
 from converter_core.specs import ConversionResult
 
 FORMAT_VERSION = 1
@@ -99,8 +99,12 @@ def json_safe(value: Any) -> Any:
 
 
 def write_manifest(out_dir: Path, result: ConversionResult) -> Path:
+    """The manifest, listing every file the output holds (itself included): a later run replaces the
+    folder only when it holds nothing else."""
     path = out_dir / MANIFEST_NAME
-    path.write_text(json.dumps(json_safe(manifest_dict(result)), indent=2, allow_nan=False) + "\n")
+    files = sorted({*(name for name in stage_files(out_dir) if name != STAGING_MARK), MANIFEST_NAME})
+    content = {**manifest_dict(result), "files": files}
+    path.write_text(json.dumps(json_safe(content), indent=2, allow_nan=False) + "\n")
     return path
 
 

@@ -282,7 +282,8 @@ def convert(
     require_export_extra()
     on_stage("splitting the model")
     plan = _split(host, source, options)
-    with staged_directory(options.output_dir) as stage:
+    check_target(options.output_dir, plan.inputs)
+    with staged_directory(options.output_dir, plan.inputs) as stage:
         calibration = _calibration(plan, options, plugins, on_stage)
         result = ConversionResult(options.output_dir, plan, {}, {}, [])
         exported, references = [], {}

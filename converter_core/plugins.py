@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import pluggy
 
 from converter_core import ENTRY_POINT_GROUP, PROJECT_NAME, hookspecs
-from converter_core.errors import ConverterError, PluginError
+from converter_core.errors import ConverterError, PluginError, raise_if_environment
 from converter_core.extension import Backend, GraphPass
 
 
@@ -78,11 +78,12 @@ def blame(label: str, what: str) -> Iterator[None]:
     errors (bad input, failed checks) and our own plugins' bugs pass through as they are."""
     try:
         yield
-    except (ConverterError, KeyboardInterrupt, MemoryError):
+    except (ConverterError, MemoryError):
         raise
-    except BaseException as exc:
+    except (Exception, SystemExit) as exc:  # Ctrl-C and SIGTERM (BaseExceptions) stop the run as they are
         if f"({OWN_DISTRIBUTION})" in label and not isinstance(exc, SystemExit):
             raise
+        raise_if_environment(exc)
         detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         raise PluginError(f"plugin {label} failed in {what}: {type(exc).__name__}"
                           + (f": {detail}" if detail else "")) from exc

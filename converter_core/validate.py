@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
-from converter_core.errors import CheckFailed
+from converter_core.errors import CheckFailed, raise_if_environment
 from converter_core.gates import check_gates
 from converter_core.specs import Gate, ModuleReferences, ModuleSpec, ModuleValidation, OutputCheck, Reference
 
@@ -184,6 +184,7 @@ def compare(references: ModuleReferences, run: Runner, policy: Policy | None = N
         try:
             actual = run(reference.case.inputs)
         except Exception as exc:  # an op without a kernel, a broken rewrite: the graph is unusable
+            raise_if_environment(exc)
             failures.append(GraphUnusable(spec.name, "*", reference.case.label, f"ONNX Runtime fails: {_first_line(exc)}"))
             break
         outputs_per_case.append(actual)
@@ -246,7 +247,10 @@ def nonfinite_weights(path: Path) -> list[str]:
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path), load_external_data=True)
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except Exception:  # noqa: BLE001 - not a graph: its validation has already failed on loading it
+        return []
     tensors = [(t.name, t) for t in model.graph.initializer]
     for node in model.graph.node:
         tensors += [(f"{node.name or node.op_type}.{a.name}", a.t) for a in node.attribute

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +25,14 @@ from tests.conftest import REPO
 
 @pytest.fixture(scope="module")
 def base_venv(tmp_path_factory) -> Path:
-    venv = tmp_path_factory.mktemp("base-install") / "venv"
+    root = tmp_path_factory.mktemp("base-install")
+    venv = root / "venv"
+    # A copy of the checkout, so that pip's in-tree build leaves nothing in it.
+    checkout = shutil.copytree(REPO, root / "checkout", ignore=shutil.ignore_patterns(
+        ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", "node_modules", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    installed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(REPO)],
+    installed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(checkout)],
                                capture_output=True, text=True, timeout=900, env=env)
     assert installed.returncode == 0, installed.stderr[-3000:]
     return venv

@@ -49,6 +49,14 @@ RETRIEVAL_PREFIXES = ("text_encoder.", "vision_proj.", "text_proj.", "itm_head."
 LISTED_KEYS = 5
 
 
+
+def _rank(key: str) -> int:
+    """The rank of a tensor whose shape tells the model's dimensions (`_infer_dims` reads them)."""
+    if key.endswith(("class_embedding", "position_embedding")):
+        return 3  # [1, 1, hidden], [1, positions, hidden]
+    return 4 if key.endswith("patch_embedding.weight") else 2  # a convolution; else Linear or Embedding
+
+
 class CheckpointError(InputError):
     """A checkpoint file that cannot be loaded as BLIP; the message names the file."""
 
@@ -118,6 +126,8 @@ def _read(path: Path) -> _Checkpoint:
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir():
         return _read_hf_dir(path)
+    if not path.is_file():  # a FIFO or a device would hang or stream forever
+        raise CheckpointError(f"{path}: not a regular file")
     if path.suffix == ".safetensors":
         return _from_original(path, "safetensors", _load_safetensors(path))
     return _from_original(path, "salesforce-pth", _load_pickle(path))
@@ -134,17 +144,22 @@ def _read_hf_dir(path: Path) -> _Checkpoint:
     model_type = config_data.get("model_type") if isinstance(config_data, dict) else None
     if model_type != "blip":
         raise CheckpointError(f"{config_file}: describes a {model_type!r} model, not BLIP (model_type 'blip')")
-    if "BlipForQuestionAnswering" in config_data.get("architectures", []):
+    architectures = config_data.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+        raise CheckpointError(f"{config_file}: 'architectures' must be a list of class names, got {architectures!r}"[:300])
+    if "BlipForQuestionAnswering" in architectures:
         raise CheckpointError(
             f"{path}: BLIP question answering is not supported; give a captioning or retrieval model"
         )
+    if not isinstance(config_data.get("vision_config", {}), dict) or not isinstance(config_data.get("text_config", {}), dict):
+        raise CheckpointError(f"{config_file}: vision_config and text_config must be tables")
     weights = next((path / name for name in HF_WEIGHTS if (path / name).is_file()), None)
     if weights is None:
         raise CheckpointError(
             f"{path}: no weights file ({' or '.join(HF_WEIGHTS)}); sharded checkpoints are not supported"
         )
     state = _load_safetensors(weights) if weights.suffix == ".safetensors" else _load_pickle(weights)
-    state, dropped = _drop_training_state(state)
+    state, dropped = _drop_training_state(state, weights)
     if not any(key.startswith(HF_VISION) for key in state):
         raise CheckpointError(f"{weights}: not a BLIP checkpoint: no {HF_VISION}* weights (found {_listing(state)})")
     try:
@@ -166,7 +181,7 @@ def _read_hf_dir(path: Path) -> _Checkpoint:
 
 
 def _from_original(path: Path, format: str, state: dict[str, torch.Tensor]) -> _Checkpoint:
-    state, dropped = _drop_training_state(state)
+    state, dropped = _drop_training_state(state, path)
     if not any(key.startswith(ORIGINAL_VISION) for key in state):
         if any(key.startswith(HF_VISION) for key in state):
             raise CheckpointError(
@@ -224,19 +239,26 @@ def _tensors_only(data: object, path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path}: not a state dict (got {type(data).__name__}); expected {{'model': state_dict}} or a state dict"
         )
+    not_names = [repr(key) for key in data if not isinstance(key, str)]
+    if not_names:
+        raise CheckpointError(f"{path}: not a state dict: keys that are not names: {_names(not_names)}")
     not_tensors = [str(key) for key, value in data.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f"{path}: not a state dict: entries that are not tensors: {_names(not_tensors)}")
     return data
 
 
-def _drop_training_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    kept, dropped = {}, []
+def _drop_training_state(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    kept, dropped, not_float = {}, [], []
     for key, tensor in state.items():
         if TRAINING_STATE.search(key):
             dropped.append(key)
-        else:
-            kept[key] = tensor.float() if tensor.is_floating_point() else tensor
+        elif tensor.is_floating_point():
+            kept[key] = tensor.float()
+        else:  # loading would cast it silently into a float parameter
+            not_float.append(f"{key} ({str(tensor.dtype).removeprefix('torch.')})")
+    if not_float:
+        raise CheckpointError(f"{path}: tensors that are not floating point, which no BLIP weight is: {_names(not_float)}")
     return kept, dropped
 
 
@@ -276,7 +298,10 @@ def _infer_dims(state: dict[str, torch.Tensor], path: Path, name_in_file: Callab
     def shape(key: str) -> torch.Size:
         if key not in state:
             raise CheckpointError(f"{path}: missing key {name_in_file(key)}")
-        return state[key].shape
+        found = state[key].shape
+        if len(found) != _rank(key) or any(size == 0 for size in found):
+            raise CheckpointError(f"{path}: {name_in_file(key)} has shape {tuple(found)}, which no BLIP model has")
+        return found
 
     def layers(prefix: str) -> int:
         numbers = {int(m.group(1)) for key in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", key))}

@@ -20,10 +20,20 @@ def register_runtime_commands(cli: typer.Typer) -> None:
         output: OutDir,
         images: Annotated[list[Path], typer.Argument(
             metavar="IMAGE", help="Image files, captioned as one batch.", show_default=False)],
-        beams: Annotated[int, typer.Option(help="Beam width; 1 is greedy. BLIP's COCO setting: 3.")] = 1,
-        max_tokens: Annotated[int, typer.Option(help="Most tokens to write after the prompt.")] = 20,
-        min_tokens: Annotated[int, typer.Option(help="Fewest tokens to write after the prompt.")] = 0,
-        repetition_penalty: Annotated[float, typer.Option(help="Above 1 discourages repeated tokens.")] = 1.0,
+        beams: Annotated[int | None, typer.Option(
+            help="Beam width; 1 (the default) is greedy. BLIP's COCO setting: 3.", show_default=False)] = None,
+        max_tokens: Annotated[int | None, typer.Option(
+            help="Most tokens to write after the prompt [default: 20].", show_default=False)] = None,
+        min_tokens: Annotated[int | None, typer.Option(
+            help="Fewest tokens to write after the prompt [default: 0].", show_default=False)] = None,
+        repetition_penalty: Annotated[float | None, typer.Option(
+            help="Above 1 discourages repeated tokens [default: 1.0].", show_default=False)] = None,
+        beam_scoring: Annotated[str | None, typer.Option(
+            help="How finished beams are ranked: 'transformers' (sum / new tokens, the default) or 'blip' "
+                 "(the original BLIP code: sum / whole sequence).", show_default=False)] = None,
+        blip_defaults: Annotated[bool, typer.Option(
+            "--blip-defaults", help="The original BLIP generate(): 3 beams, max_length 30 and min_length 10 over "
+                                    "the whole sequence, BLIP's beam scoring.")] = False,
         prompt: Annotated[str | None, typer.Option(
             help="Text the caption continues (default: the manifest's, \"a picture of \"); '' for none.")] = None,
         tokenizer: Tokenizer = None,
@@ -31,16 +41,24 @@ def register_runtime_commands(cli: typer.Typer) -> None:
     ) -> None:
         """Caption images with the exported vision encoder and decoder (onnxruntime, no torch)."""
         from converter_core.console import stdout
+        from converter_core.errors import InputError
         from plugins.blip.runtime import BlipRuntime, load_image
 
         runtime = BlipRuntime(output, tokenizer_dir=tokenizer)
+        given = {"beams": beams, "max_tokens": max_tokens, "min_tokens": min_tokens,
+                 "repetition_penalty": repetition_penalty, "beam_scoring": beam_scoring}
+        given = {key: value for key, value in given.items() if value is not None}
+        settings = {"beams": 1, "max_tokens": 20, "min_tokens": 0, "repetition_penalty": 1.0}
+        if blip_defaults:
+            if given:
+                raise InputError(f"--blip-defaults sets {', '.join(given)} itself; give one or the other")
+            settings = runtime.blip_generate_defaults(runtime.prompt_ids(prompt))
         pictures = [load_image(path) for path in images]
-        captions = runtime.caption(pictures, beams=beams, max_tokens=max_tokens, min_tokens=min_tokens,
-                                   repetition_penalty=repetition_penalty, prompt=prompt)
+        captions = runtime.caption(pictures, **{**settings, **given}, prompt=prompt)
         if as_json:
             rows = [{"image": str(path), "caption": c.text, "token_ids": c.token_ids, "score": c.score}
                     for path, c in zip(images, captions)]
-            stdout.print_json(json.dumps(rows))
+            stdout.print_json(json.dumps(rows, allow_nan=False))
             return
         for path, c in zip(images, captions):
             text = c.text if c.text is not None else f"(no tokenizer) token ids {c.token_ids}"
@@ -66,7 +84,7 @@ def register_runtime_commands(cli: typer.Typer) -> None:
         if as_json:
             rows = [{"text": m.text, "itm_probability": m.itm_probability, "itc_similarity": m.itc_similarity}
                     for m in matches]
-            stdout.print_json(json.dumps({"image": str(image), "matches": rows}))
+            stdout.print_json(json.dumps({"image": str(image), "matches": rows}, allow_nan=False))
             return
         table = Table("text", "ITM probability", "ITC similarity", title=Text(str(image)))
         for m in matches:

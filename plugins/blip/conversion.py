@@ -25,19 +25,57 @@ from plugins.blip.graphs import (
 from plugins.blip.recipes import RECIPE, BlipConversion, module_specs
 from plugins.blip.source import BlipSource
 
+WHOLE_SEQUENCE = "tokens of the whole decoder sequence, prompt included ([DEC] a picture of ...), as BLIP's generate()"
+NEW_TOKENS = "tokens written after the prompt, [SEP] included, as transformers' max_new_tokens / min_new_tokens"
+
 
 def wrapper(source: BlipSource, name: str) -> torch.nn.Module:
     return RECIPE[name].build(source)
 
 
 def _tokenizer_assets(source: BlipSource) -> dict[str, bytes]:
+    """The tokenizer files to ship, each a regular file that resolves inside the tokenizer folder (a
+    link out of it would ship whatever it points at), checked to load and to fit the model."""
     if source.tokenizer_dir is None:
         return {}
-    return {
-        f"tokenizer/{name}": (source.tokenizer_dir / name).read_bytes()
-        for name in TOKENIZER_FILES
-        if (source.tokenizer_dir / name).is_file()
-    }
+    folder = source.tokenizer_dir.resolve()
+    assets = {}
+    for name in TOKENIZER_FILES:
+        path = source.tokenizer_dir / name
+        if not path.exists() and not path.is_symlink():
+            continue
+        if not path.resolve().is_relative_to(folder) or not path.resolve().is_file():
+            raise InputError(f"{path}: not a regular file inside {source.tokenizer_dir} (a link out of it, or not a "
+                             "file); refusing to ship it: copy the file itself into the folder")
+        assets[f"tokenizer/{name}"] = path.read_bytes()
+    if assets:
+        _check_tokenizer(source, assets)
+    return assets
+
+
+def _check_tokenizer(source: BlipSource, assets: dict[str, bytes]) -> None:
+    """The shipped tokenizer loads and agrees with the model: its special ids (checked on loading)
+    and its size, the model's vocabulary or that less BLIP's two added tokens [DEC] and [ENC]."""
+    import tempfile
+
+    from plugins.blip.runtime.tokenizer import BlipTokenizer
+
+    config = (source.captioning or source.retrieval).config.text_config
+    with tempfile.TemporaryDirectory(prefix="vlm-tokenizer-") as folder:
+        for relative, content in assets.items():
+            (Path(folder) / Path(relative).name).write_bytes(content)
+        try:
+            tokenizer = BlipTokenizer.from_directory(Path(folder), source.tokens, config.max_position_embeddings)
+        except InputError as exc:
+            raise InputError(f"{source.tokenizer_dir}: {str(exc).split(': ', 1)[-1]}") from None
+        except Exception as exc:  # the tokenizers library's own parse errors
+            raise InputError(f"{source.tokenizer_dir}: the tokenizer does not load: {type(exc).__name__}: {exc}") from None
+    size, model = tokenizer.vocab_size, config.vocab_size
+    added = (source.tokens["DEC"], source.tokens["ENC"]) == (model - 2, model - 1)
+    if size != model and not (added and size == model - 2):
+        raise InputError(f"{source.tokenizer_dir}: the tokenizer has {size} tokens and the model {model}"
+                         + (f" ({model - 2} without [DEC] and [ENC])" if added else "")
+                         + "; this tokenizer does not belong to this model")
 
 
 def _prompt_ids(vocab: Path, dec_id: int) -> list[int] | None:
@@ -78,8 +116,13 @@ def _metadata(conversion: BlipConversion, assets: dict[str, bytes]) -> dict[str,
             # The longest text (prompt + caption) the graphs were validated at and backends built for.
             "max_text_len": conversion.max_text_len,
             "num_layers": config.text_config.num_hidden_layers,
-            "defaults": {"num_beams": 3, "max_length": 30, "min_length": 10, "repetition_penalty": 1.0},
-            "coco_evaluation": {"num_beams": 3, "max_length": 20, "min_length": 5},
+            # BLIP's own generate() and its COCO evaluation count lengths over the whole decoder
+            # sequence, prompt included; the runtime's max_tokens/min_tokens count new tokens.
+            "blip_generate": {"num_beams": 3, "max_length": 30, "min_length": 10, "repetition_penalty": 1.0,
+                              "beam_scoring": "blip", "unit": WHOLE_SEQUENCE},
+            "coco_evaluation": {"num_beams": 3, "max_length": 20, "min_length": 5, "unit": WHOLE_SEQUENCE},
+            "runtime_defaults": {"num_beams": 1, "max_tokens": 20, "min_tokens": 0, "repetition_penalty": 1.0,
+                                 "beam_scoring": "transformers", "unit": NEW_TOKENS},
         },
         "checkpoint_files": [
             {"path": str(f.path), "format": f.format, "sha256": f.sha256, "parts": list(f.parts)} for f in source.files

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import onnx
 
+from converter_core.errors import raise_if_environment
 from converter_core.extension import GraphPass
 from converter_core.specs import GraphSnapshot, ModuleReferences, PassReport
 from plugins.quant.measure import Accuracy, LatencyConfig, accuracy, paired_latency_ms, quiet, snapshot
@@ -94,6 +95,7 @@ class GatedPass(GraphPass):
         try:
             result = attempt(())
         except Exception as exc:  # the tools refuse some graphs; the module then stays as it was
+            raise_if_environment(exc)
             reason = f"the rewrite failed: {type(exc).__name__}: {str(exc).strip()[:500]}; the input graph is kept"
             (latency,) = paired_latency_ms([source], references.spec.example.inputs, self.latency)
             before = snapshot(source, latency, self.latency.threads, source_accuracy)
@@ -103,6 +105,7 @@ class GatedPass(GraphPass):
             try:
                 result = self._search(source, target, references, attempt, result, details)
             except Exception as exc:  # a rewrite the search tried was refused: the full rewrite's verdict stands
+                raise_if_environment(exc)
                 details["search"] = {"result": f"the search failed: {type(exc).__name__}: {str(exc).strip()[:500]}"}
                 result.failures.append(details["search"]["result"])
         latencies = paired_latency_ms([source, target], references.spec.example.inputs, self.latency)

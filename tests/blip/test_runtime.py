@@ -503,3 +503,114 @@ def test_fixture_heldout_itm_probabilities(fixture_model):
         expected = torch.softmax(itm.itm_score, dim=-1)[:, 1].numpy()
         worst = max(worst, float(np.abs(np.array([m.itm_probability for m in matches]) - expected).max()))
     assert worst <= 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# The original BLIP's beam search (transformers 4.15), for users moving from the Salesforce code
+# --------------------------------------------------------------------------------------------
+
+TRANSFORMERS_4_15_FILES = ("generation_beam_search.py", "generation_logits_process.py")
+
+
+@pytest.fixture(scope="module")
+def transformers_4_15(tmp_path_factory):
+    """transformers 4.15's own BeamSearchScorer and logits processors, from its wheel on PyPI: the
+    code BLIP's `generate` ran. Only these two files are loaded, beside stubs for their imports."""
+    import importlib
+    import zipfile
+
+    folder = tmp_path_factory.mktemp("transformers-4.15")
+    downloaded = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "transformers==4.15.0",
+                                 "-d", str(folder)], capture_output=True, text=True, timeout=600)
+    assert downloaded.returncode == 0, downloaded.stderr
+    package = folder / "transformers_4_15"
+    (package / "utils").mkdir(parents=True)
+    with zipfile.ZipFile(next(folder.glob("transformers-4.15.0-*.whl"))) as wheel:
+        for name in TRANSFORMERS_4_15_FILES:
+            (package / name).write_bytes(wheel.read(f"transformers/{name}"))
+    (package / "__init__.py").write_text("")
+    (package / "file_utils.py").write_text("def add_start_docstrings(*docstr):\n    return lambda fn: fn\n")
+    (package / "utils" / "__init__.py").write_text("")
+    (package / "utils" / "logging.py").write_text("import logging\nget_logger = logging.getLogger\n")
+    sys.path.insert(0, str(folder))
+    try:
+        return (importlib.import_module("transformers_4_15.generation_beam_search"),
+                importlib.import_module("transformers_4_15.generation_logits_process"))
+    finally:
+        sys.path.remove(str(folder))
+
+
+def blip_4_15_beam_search(tiny: Tiny, transformers_4_15, images, prompt_ids: list[int], num_beams: int,
+                          max_length: int, min_length: int, repetition_penalty: float = 1.0) -> list[list[int]]:
+    """BLIP's `generate(num_beams=..., max_length=..., min_length=...)` as transformers 4.15 ran it:
+    its `beam_search` loop (written out here, as in generation_utils.py) around its own scorer and
+    processors, on the PyTorch model recomputing the whole sequence each step (no cache)."""
+    beam_search, processors = transformers_4_15
+    model = tiny.source.captioning
+    batch = len(images)
+    with torch.no_grad():
+        pixel_values = tiny.processor(images, return_tensors="pt").pixel_values
+        image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state.repeat_interleave(num_beams, 0)
+        input_ids = torch.tensor([prompt_ids] * batch).repeat_interleave(num_beams, 0)
+        scorer = beam_search.BeamSearchScorer(batch_size=batch, num_beams=num_beams, device="cpu")
+        process = processors.LogitsProcessorList(
+            ([processors.RepetitionPenaltyLogitsProcessor(repetition_penalty)] if repetition_penalty != 1.0 else [])
+            + [processors.MinLengthLogitsProcessor(min_length, SEP)])
+        beam_scores = torch.zeros((batch, num_beams))
+        beam_scores[:, 1:] = -1e9
+        beam_scores = beam_scores.view(-1)
+        while True:
+            logits = model.text_decoder(input_ids=input_ids, encoder_hidden_states=image_embeds).logits[:, -1, :]
+            scores = process(input_ids, torch.nn.functional.log_softmax(logits, dim=-1))
+            scores = (scores + beam_scores[:, None]).view(batch, -1)
+            vocab = logits.shape[-1]
+            scores, tokens = torch.topk(scores, 2 * num_beams, dim=1, largest=True, sorted=True)
+            indices, tokens = tokens // vocab, tokens % vocab
+            step = scorer.process(input_ids, scores, tokens, indices, pad_token_id=PAD, eos_token_id=SEP)
+            beam_scores = step["next_beam_scores"]
+            input_ids = torch.cat([input_ids[step["next_beam_indices"], :], step["next_beam_tokens"].unsqueeze(-1)], -1)
+            if scorer.is_done or input_ids.shape[-1] >= max_length:
+                break
+        sequences = scorer.finalize(input_ids, beam_scores, tokens, indices, pad_token_id=PAD, eos_token_id=SEP,
+                                    max_length=max_length)["sequences"]
+    return [until_sep(row[len(prompt_ids):]) for row in sequences.tolist()]
+
+
+# Settings under which hypotheses of different lengths compete, so that the conventions can differ.
+BLIP_BEAM_CASES = [(3, 12, 4, 1.0), (3, 16, 8, 1.0), (4, 14, 6, 1.2), (2, 10, 5, 1.0)]
+
+
+def test_beam_scoring_blip_gives_the_original_blips_captions(tiny, runtime, transformers_4_15):
+    images = sample_images() + [noise_image(seed, (50 + seed, 64)) for seed in range(5, 17)]
+    prompt_ids = runtime.prompt_ids()
+    differs = 0
+    for beams, max_new, min_new, penalty in BLIP_BEAM_CASES:
+        whole = {"max_length": len(prompt_ids) + max_new, "min_length": len(prompt_ids) + min_new}
+        expected = blip_4_15_beam_search(tiny, transformers_4_15, images, prompt_ids, beams, repetition_penalty=penalty,
+                                         **whole)
+        got = runtime.caption(images, beams=beams, max_tokens=max_new, min_tokens=min_new,
+                              repetition_penalty=penalty, beam_scoring="blip")
+        assert [c.token_ids for c in got] == expected, (beams, max_new, min_new, penalty)
+        default = runtime.caption(images, beams=beams, max_tokens=max_new, min_tokens=min_new,
+                                  repetition_penalty=penalty)
+        differs += sum(a.token_ids != b.token_ids for a, b in zip(got, default))
+    assert differs > 0, "no case where the two conventions disagree: the parity above proves little"
+
+
+def test_blip_defaults_are_blips_generate_and_the_manifest_states_the_units(tiny, runtime, transformers_4_15,
+                                                                            capsys, tmp_path):
+    generation = runtime.manifest["generation"]
+    assert generation["blip_generate"]["max_length"] == 30 and "prompt included" in generation["blip_generate"]["unit"]
+    assert "after the prompt" in generation["runtime_defaults"]["unit"]
+    images = sample_images()[:3]
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(tmp_path / f"{index}.png")
+        image.save(paths[-1])
+    prompt_ids = runtime.prompt_ids()
+    expected = blip_4_15_beam_search(tiny, transformers_4_15, [Image.open(p).convert("RGB") for p in paths], prompt_ids,
+                                     3, max_length=30, min_length=10)
+    assert run(["caption", str(tiny.out), *map(str, paths), "--blip-defaults", "--json"]) == 0
+    assert [row["token_ids"] for row in json.loads(capsys.readouterr().out)] == expected
+    assert run(["caption", str(tiny.out), str(paths[0]), "--blip-defaults", "--beams", "2"]) == 2
+    assert "--blip-defaults sets beams itself" in " ".join(capsys.readouterr().err.split())

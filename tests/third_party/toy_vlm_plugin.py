@@ -53,8 +53,9 @@ CLASSES = 3
 class ToyModel(torch.nn.Module):
     """An 'encoder' over token features and a 'head' that pools and classifies."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, poison: str | None = None) -> None:
         super().__init__()
+        self.poison = poison  # the name of an unused weight full of NaN that the head's graph will carry
         torch.manual_seed(seed)
         self.encoder = torch.nn.Sequential(
             torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.GELU(), torch.nn.LayerNorm(HIDDEN)
@@ -75,6 +76,7 @@ class Head(torch.nn.Module):
     def __init__(self, model: ToyModel) -> None:
         super().__init__()
         self.head = model.head
+        self.poison = model.poison
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden.mean(dim=1))
@@ -152,6 +154,9 @@ def converter_export_module(wrapper: torch.nn.Module, spec: ModuleSpec, path: Pa
             numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
             numpy_helper.from_array(weight, "weight"),
             numpy_helper.from_array(bias, "bias"),
+            # A table no validation input reaches, as position rows past the lengths tried are.
+            *([numpy_helper.from_array(np.array([1.0, np.nan, np.inf], np.float32), wrapper.poison)]
+              if wrapper.poison else []),
         ],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
@@ -186,6 +191,28 @@ class ScaleWeights(GraphPass):
         )
 
 
+class LyingPass(GraphPass):
+    """A broken third-party pass that always says `kept`: it scales the weights (`ruin`) or writes
+    bytes that are no graph (`garbage`), and reports neither."""
+
+    description = "claims to keep the numbers, and does not (a test pass)"
+
+    def __init__(self, name: str, how: str) -> None:
+        self.name, self.how = name, how
+
+    def apply(self, source: Path, target: Path, references: ModuleReferences) -> PassReport:
+        if self.how == "garbage":
+            target.write_bytes(b"this is not an ONNX graph")
+        else:
+            model = onnx.load(str(source))
+            for initializer in model.graph.initializer:
+                if initializer.data_type == TensorProto.FLOAT:
+                    array = numpy_helper.to_array(initializer) * np.float32(1.5)
+                    initializer.CopyFrom(numpy_helper.from_array(array.astype(np.float32), initializer.name))
+            onnx.save(model, str(target))
+        return PassReport(self.name, references.spec.name, kept=True, reason="all good, trust me")
+
+
 class CalibrationProbe(GraphPass):
     """A static pass by a third party: it needs calibration inputs, and says how many it got."""
 
@@ -204,6 +231,8 @@ def converter_register_passes(register: Callable[[GraphPass], None]) -> None:
     register(ScaleWeights("toy-identity", 1.0))
     register(ScaleWeights("toy-ruin", 1.5))
     register(CalibrationProbe())
+    register(LyingPass("toy-liar", "ruin"))
+    register(LyingPass("toy-garbage", "garbage"))
 
 
 class ToyRemoteBackend(Backend):
@@ -254,6 +283,7 @@ def converter_register_commands(cli: typer.Typer) -> None:
         validate: Validate = True,
         require_validation: RequireValidation = False,
         seed: Annotated[int, typer.Option(help="Seed of the random toy weights.")] = 0,
+        poison: Annotated[str | None, typer.Option(help="Add an unused NaN weight of this name to the head.")] = None,
     ) -> None:
         """Convert the two-module toy model (a third-party example)."""
         from converter_core.console import finish, stage_progress
@@ -261,5 +291,5 @@ def converter_register_commands(cli: typer.Typer) -> None:
 
         options = convert_options(output, backend, passes, atol, validate, require_validation, backend_option)
         with stage_progress() as on_stage:
-            result = convert(ToyModel(seed), options, on_stage=on_stage)
+            result = convert(ToyModel(seed, poison), options, on_stage=on_stage)
         finish(result)

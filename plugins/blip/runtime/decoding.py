@@ -23,20 +23,44 @@ The search reproduces transformers' `generate` (5.x) token for token, as `BlipFo
 - `max_tokens` counts generated tokens after the prompt, eos included (generate's `max_new_tokens`).
 Scores are float32 and combined in generate's order (including its -1e9 offsets), so near-ties
 fall the same way as long as onnxruntime's logits agree with PyTorch's.
+
+`beam_scoring="blip"` is the beam search of the original BLIP code, which ran on transformers 4.15
+(`generation_beam_search.BeamSearchScorer` with `BeamHypotheses`): the same 2 x beams candidates,
+but a finished hypothesis is the sequence before its eos, scored sum / (prompt + generated tokens)
+** length_penalty in float64, kept among the best `beams` (ties: the earlier one leaves first, the
+later one wins), and an image is done once it holds `beams` hypotheses and the best candidate
+score of the step over the whole current length cannot beat the worst of them. Where hypotheses
+of different lengths compete, the two conventions can pick different captions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
-from converter_core.errors import InputError
+from converter_core.errors import CheckFailed, InputError
 from plugins.blip import graphs
 
 NEG = np.float32(-1.0e9)  # generate's "ruled out" score; added, not assigned, so sums stay ordered
+# Each beam is a batch row holding the image's cross-attention keys and values (42 MB per row at
+# base size): more than this is a memory error waiting to happen, not a better caption.
+MAX_BEAMS = 16
+BeamScoring = Literal["transformers", "blip"]
+
+
+class ModelOutputError(CheckFailed):
+    """A graph answered with NaN or Inf: its weights are broken (validation would have said which)."""
+
+
+def require_finite(array: np.ndarray, module: str, output: str) -> np.ndarray:
+    if not np.isfinite(array).all():
+        raise ModelOutputError(f"{module} gave NaN or Inf in {output}: the model is broken; convert it again "
+                               "with validation on to find the weight")
+    return array
 
 
 @dataclass(frozen=True)
@@ -46,6 +70,21 @@ class DecodingOptions:
     min_tokens: int = 0
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0  # beam search only, as generate's
+    beam_scoring: BeamScoring = "transformers"
+
+    def check(self) -> None:
+        """InputError for settings no search can honour (a NaN penalty, 100000 beams)."""
+        numbers = (self.repetition_penalty, self.length_penalty)
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (self.beams, self.max_tokens, self.min_tokens)):
+            raise InputError("beams, max_tokens and min_tokens must be integers")
+        if not 1 <= self.beams <= MAX_BEAMS:
+            raise InputError(f"beams must be between 1 and {MAX_BEAMS}, got {self.beams}")
+        if self.max_tokens < 1 or self.min_tokens < 0:
+            raise InputError(f"max_tokens must be >= 1 and min_tokens >= 0, got {self.max_tokens} and {self.min_tokens}")
+        if not all(np.isfinite(v) for v in numbers) or self.repetition_penalty <= 0:
+            raise InputError(f"repetition_penalty must be a finite number > 0 and length_penalty finite, got {numbers}")
+        if self.beam_scoring not in ("transformers", "blip"):
+            raise InputError(f"beam_scoring must be 'transformers' or 'blip', got {self.beam_scoring!r}")
 
 
 @dataclass
@@ -95,7 +134,7 @@ class CachedDecoder:
         outputs = dict(zip(self._first_outputs, self.first_step.run(
             self._first_outputs, {graphs.INPUT_IDS: input_ids.astype(np.int64), graphs.IMAGE_EMBEDS: image_embeds})))
         cache = Cache([outputs[n] for n in self.present], [outputs[n] for n in self.cross])
-        return outputs[graphs.LOGITS][:, -1], cache
+        return require_finite(outputs[graphs.LOGITS][:, -1], graphs.TEXT_DECODER, graphs.LOGITS), cache
 
     def advance(self, tokens: np.ndarray, cache: Cache) -> tuple[np.ndarray, Cache]:
         """Feed one token per row [batch]; logits of it [batch, vocab] and the grown cache."""
@@ -103,17 +142,20 @@ class CachedDecoder:
         feeds.update(zip(self.past, cache.self_kv))
         feeds.update(zip(self.cross, cache.cross))
         outputs = dict(zip(self._past_outputs, self.with_past.run(self._past_outputs, feeds)))
-        return outputs[graphs.LOGITS][:, -1], Cache([outputs[n] for n in self.present], cache.cross)
+        logits = require_finite(outputs[graphs.LOGITS][:, -1], graphs.TEXT_DECODER_WITH_PAST, graphs.LOGITS)
+        return logits, Cache([outputs[n] for n in self.present], cache.cross)
 
 
 def decode(decoder: CachedDecoder, image_embeds: np.ndarray, prompt_ids: Sequence[int], options: DecodingOptions,
            eos_id: int, pad_id: int) -> list[Decoded]:
     """One caption per row of `image_embeds`, all after the same prompt (starting with `[DEC]`)."""
-    if options.beams < 1 or options.max_tokens < 1 or options.min_tokens < 0:
-        raise ValueError("beams and max_tokens must be >= 1 and min_tokens >= 0")
+    options.check()
+    prompt = np.asarray(prompt_ids, dtype=np.int64)
     if options.beams == 1:
-        return _greedy(decoder, image_embeds, np.asarray(prompt_ids, dtype=np.int64), options, eos_id, pad_id)
-    return _beam_search(decoder, image_embeds, np.asarray(prompt_ids, dtype=np.int64), options, eos_id)
+        return _greedy(decoder, image_embeds, prompt, options, eos_id, pad_id)
+    if options.beam_scoring == "blip":
+        return _beam_search_blip(decoder, image_embeds, prompt, options, eos_id, pad_id)
+    return _beam_search(decoder, image_embeds, prompt, options, eos_id)
 
 
 def _process(scores: np.ndarray, sequences: np.ndarray, generated: int, options: DecodingOptions,
@@ -244,3 +286,86 @@ def _beam_search(decoder: CachedDecoder, image_embeds: np.ndarray, prompt: np.nd
         Decoded(finished_seqs[b, 0, prompt_len : prompt_len + finished_lens[b, 0]].tolist(), float(finished_scores[b, 0]))
         for b in range(batch)
     ]
+
+
+@dataclass
+class _Hypotheses:
+    """transformers 4.15's BeamHypotheses: the best `beams` finished sequences of one image."""
+
+    beams: int
+    length_penalty: float
+    found: list[tuple[float, list[int]]]
+    worst: float = 1e9
+
+    def add(self, sequence: list[int], sum_logprobs: float) -> None:
+        score = sum_logprobs / len(sequence) ** self.length_penalty
+        if len(self.found) < self.beams or score > self.worst:
+            self.found.append((score, sequence))
+            if len(self.found) > self.beams:
+                ranked = sorted((s, index) for index, (s, _) in enumerate(self.found))
+                del self.found[ranked[0][1]]
+                self.worst = ranked[1][0]
+            else:
+                self.worst = min(score, self.worst)
+
+    def done(self, best_sum_logprobs: float, cur_len: int) -> bool:
+        if len(self.found) < self.beams:
+            return False
+        return self.worst >= best_sum_logprobs / cur_len**self.length_penalty
+
+    def best(self) -> tuple[float, list[int]]:
+        return sorted(self.found, key=lambda item: item[0])[-1]
+
+
+def _beam_search_blip(decoder: CachedDecoder, image_embeds: np.ndarray, prompt: np.ndarray,
+                      options: DecodingOptions, eos_id: int, pad_id: int) -> list[Decoded]:
+    """The original BLIP's beam search (transformers 4.15's `beam_search` + `BeamSearchScorer`)."""
+    batch, beams = image_embeds.shape[0], options.beams
+    prompt_len, max_len = len(prompt), len(prompt) + options.max_tokens
+    logits, cache = decoder.start(np.tile(prompt, (batch, 1)), image_embeds)
+    logits, cache = np.repeat(logits, beams, axis=0), cache.take(np.repeat(np.arange(batch), beams))
+    sequences = np.tile(prompt, (batch * beams, 1))
+    beam_scores = np.zeros((batch, beams), dtype=np.float32)
+    beam_scores[:, 1:] = NEG
+    beam_scores = beam_scores.reshape(-1)
+    hypotheses = [_Hypotheses(beams, options.length_penalty, []) for _ in range(batch)]
+    done = [False] * batch
+    while True:
+        cur_len = sequences.shape[1]
+        scores = _process(_log_softmax(logits.astype(np.float32)), sequences, cur_len - prompt_len, options, eos_id)
+        vocab = scores.shape[-1]
+        totals = (scores + beam_scores[:, None]).reshape(batch, beams * vocab)
+        top = _top(totals, 2 * beams)
+        top_scores = np.take_along_axis(totals, top, axis=1)
+        next_scores = np.zeros((batch, beams), dtype=np.float32)
+        next_tokens = np.full((batch, beams), pad_id, dtype=np.int64)
+        next_rows = np.repeat(np.arange(batch)[:, None] * beams, beams, axis=1)
+        for b in range(batch):
+            if done[b]:
+                continue
+            kept = 0
+            for rank, (flat, score) in enumerate(zip(top[b], top_scores[b])):
+                row, token = b * beams + int(flat) // vocab, int(flat) % vocab
+                if token == eos_id:
+                    if rank < beams:  # an eos below the best `beams` candidates does not count
+                        hypotheses[b].add(sequences[row].tolist(), float(score))
+                else:
+                    next_scores[b, kept], next_tokens[b, kept], next_rows[b, kept] = score, token, row
+                    kept += 1
+                if kept == beams:
+                    break
+            done[b] = hypotheses[b].done(float(top_scores[b].max()), cur_len)
+        beam_scores, rows = next_scores.reshape(-1), next_rows.reshape(-1)
+        sequences = np.concatenate([sequences[rows], next_tokens.reshape(-1, 1)], axis=1)
+        if all(done) or sequences.shape[1] >= max_len:
+            break
+        logits, cache = decoder.advance(next_tokens.reshape(-1), cache.take(rows))
+    results = []
+    for b in range(batch):
+        if not done[b]:  # the running beams compete with the finished ones, as they stand
+            for row in range(b * beams, (b + 1) * beams):
+                hypotheses[b].add(sequences[row].tolist(), float(beam_scores[row]))
+        score, sequence = hypotheses[b].best()
+        tokens = sequence[prompt_len:] + ([eos_id] if len(sequence) < max_len else [])
+        results.append(Decoded(tokens, float(score)))
+    return results

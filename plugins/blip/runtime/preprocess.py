@@ -29,12 +29,22 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()  # decode now: a truncated file fails here, not in the middle of a batch
             return image.copy()
+    except Image.DecompressionBombError as exc:  # Pillow's guard, before any pixel is decoded
+        raise InputError(f"{path}: refused: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"{path}: not an image Pillow can read ({exc})") from exc
 
 
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB; transparent pixels become white (transformers' `convert_to_rgb`)."""
+    """RGB; transparent pixels become white (transformers' `convert_to_rgb`). A 16-bit image (Pillow
+    mode I;16 or I, as 16-bit grayscale PNGs open) is scaled to 8 bits first: Pillow's own
+    conversion clips every value above 255, so nearly all of such an image would turn white."""
+    if image.mode in SIXTEEN_BIT:
+        levels = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.clip(np.rint(levels / 257), 0, 255).astype(np.uint8), mode="L")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -7,7 +7,6 @@ graph's sha256 is checked against the manifest.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from converter_core.errors import InputError
-from converter_core.output import MANIFEST_NAME, sha256_file
+from converter_core.output import sha256_file
 from plugins.blip import graphs
 from plugins.blip.graphs import (
     RETRIEVAL_VISION_ENCODER,
@@ -27,7 +26,8 @@ from plugins.blip.graphs import (
     TEXT_ENCODER,
     VISION_ENCODER,
 )
-from plugins.blip.runtime.decoding import CachedDecoder, DecodingOptions, decode
+from plugins.blip.runtime.decoding import BeamScoring, CachedDecoder, DecodingOptions, decode, require_finite
+from plugins.blip.runtime.manifest import inside, read_blip_manifest
 from plugins.blip.runtime.preprocess import Preprocessor, load_image
 from plugins.blip.runtime.tokenizer import BlipTokenizer
 
@@ -53,27 +53,6 @@ class Match:
     text: str
     itm_probability: float
     itc_similarity: float
-
-
-def read_blip_manifest(out_dir: Path) -> dict[str, Any]:
-    """The manifest of a BLIP conversion whose graph files are all present; else InputError."""
-    path = out_dir / MANIFEST_NAME
-    if not path.is_file():
-        raise InputError(f"{out_dir}: no {MANIFEST_NAME}; not a `convert blip` output directory")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("model_type") != "blip":
-        model_type = manifest.get("model_type") if isinstance(manifest, dict) else None
-        raise InputError(f"{out_dir}: holds a {model_type!r} conversion, not a BLIP one")
-    for key in ("modules", "preprocessing", "tokens", "generation"):
-        if key not in manifest:
-            raise InputError(f"{path}: has no {key!r}; convert the model again with this version")
-    for name, module in manifest["modules"].items():
-        if not (out_dir / module["file"]).is_file():
-            raise InputError(f"{out_dir}: {module['file']} (module {name}) is missing; convert again")
-    return manifest
 
 
 class BlipRuntime:
@@ -107,41 +86,53 @@ class BlipRuntime:
                 reason = self.manifest.get("not_exported", {}).get(module, "it is not in the manifest")
                 raise InputError(f"{self.out_dir}: has no {module} ({reason})")
             entry = self.manifest["modules"][module]
-            path = self.out_dir / entry["file"]
+            path = inside(self.out_dir, entry["file"], f"modules.{module}.file")
             # The graph names its external-data files itself; both are pinned by the manifest's hashes.
             for file, expected in [(entry["file"], entry["sha256"]),
                                    *((data["file"], data["sha256"]) for data in entry.get("data_files", []))]:
-                if sha256_file(self.out_dir / file) != expected:
-                    raise InputError(f"{self.out_dir / file}: its sha256 differs from the manifest's; the file "
-                                     "changed after conversion: convert the model again")
+                self._check_file(file, expected)
             options = ort.SessionOptions()
             if self._threads:
                 options.intra_op_num_threads = self._threads
             self._sessions[module] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return self._sessions[module]
 
+    def _check_file(self, relative: str, expected: str) -> None:
+        path = inside(self.out_dir, relative, relative)
+        if not path.is_file() or sha256_file(path) != expected:
+            raise InputError(f"{path}: its sha256 differs from the manifest's (or it is missing); the file changed "
+                             "after conversion: convert the model again")
+
+    @property
+    def max_text_len(self) -> int:
+        """The longest text (prompt + caption) the graphs were validated at."""
+        return min(int(self.generation["max_position_embeddings"]), int(self.generation["max_text_len"]))
+
     @property
     def tokenizer(self) -> BlipTokenizer:
         if self._tokenizer is None:
             directory = self._tokenizer_dir
             if directory is None:
-                if not self.manifest.get("tokenizer", {}).get("files"):
+                files = self.manifest["tokenizer"]["files"]
+                if not files:
                     raise InputError(f"{self.out_dir}: ships no tokenizer "
-                                     f"({self.manifest.get('tokenizer', {}).get('reason', 'none recorded')}); "
+                                     f"({self.manifest['tokenizer'].get('reason', 'none recorded')}); "
                                      "give a tokenizer directory (--tokenizer DIR)")
+                for name in files:  # a swapped line in vocab.txt would silently change every caption
+                    self._check_file(name, self.manifest["assets"][name])
                 directory = self.out_dir / "tokenizer"
-            max_length = int(self.generation["max_position_embeddings"])
-            self._tokenizer = BlipTokenizer.from_directory(directory, self.tokens, max_length)
+            self._tokenizer = BlipTokenizer.from_directory(directory, self.tokens, self.max_text_len)
         return self._tokenizer
 
     def has_tokenizer(self) -> bool:
-        return self._tokenizer_dir is not None or bool(self.manifest.get("tokenizer", {}).get("files"))
+        return self._tokenizer_dir is not None or bool(self.manifest["tokenizer"]["files"])
 
     def pixel_values(self, images: Sequence[ImageInput]) -> np.ndarray:
         return self.preprocess([load_image(i) if isinstance(i, (str, Path)) else i for i in images])
 
     def image_embeds(self, images: Sequence[ImageInput], module: str = VISION_ENCODER) -> np.ndarray:
-        return self.session(module).run(None, {graphs.PIXEL_VALUES: self.pixel_values(images)})[0]
+        embeds = self.session(module).run(None, {graphs.PIXEL_VALUES: self.pixel_values(images)})[0]
+        return require_finite(embeds, module, graphs.IMAGE_EMBEDS)
 
     def prompt_ids(self, prompt: str | None = None) -> list[int]:
         """Decoder input for `prompt` (None: the manifest's prompt; "": none, `[DEC]` alone)."""
@@ -165,13 +156,17 @@ class BlipRuntime:
         repetition_penalty: float = 1.0,
         prompt: str | None = None,
         prompt_ids: Sequence[int] | None = None,
+        beam_scoring: BeamScoring = "transformers",
     ) -> list[Caption]:
         """One caption per image, all images in one batch.
 
         `max_tokens` / `min_tokens` count the tokens written after the prompt (`[SEP]` included),
         as generate's `max_new_tokens` / `min_new_tokens`. `prompt` is text (None: the manifest's
         prompt, "a picture of " for BLIP; "": none); `prompt_ids` gives the decoder input directly
-        (starting with `[DEC]`) instead. The caption text leaves the prompt out.
+        (starting with `[DEC]`) instead. The caption text leaves the prompt out. `beam_scoring`
+        "transformers" ranks finished beams as transformers 5 does (sum / new tokens, [SEP]
+        counted), "blip" as the original BLIP code with transformers 4.15 (sum / whole sequence,
+        prompt counted, [SEP] not): see `decoding`. `blip_generate_defaults` gives BLIP's own settings.
         """
         if not images:
             return []
@@ -180,19 +175,17 @@ class BlipRuntime:
                 reason = self.manifest.get("not_exported", {}).get(module, "")
                 raise InputError(f"{self.out_dir}: has no {module}: the checkpoint had no captioning decoder"
                                  + (f" ({reason})" if reason else ""))
-        if beams < 1 or max_tokens < 1 or min_tokens < 0 or repetition_penalty <= 0:
-            raise InputError("beams and max_tokens must be >= 1, min_tokens >= 0, repetition_penalty > 0")
+        options = DecodingOptions(beams=beams, max_tokens=max_tokens, min_tokens=min_tokens,
+                                  repetition_penalty=repetition_penalty, beam_scoring=beam_scoring)
+        options.check()
         ids = list(prompt_ids) if prompt_ids is not None else self.prompt_ids(prompt)
         if not ids or ids[0] != self.tokens["DEC"]:
             raise InputError(f"a captioning prompt starts with [DEC] (id {self.tokens['DEC']}), got {ids[:1]}")
-        limit = int(self.generation["max_position_embeddings"])
-        if len(ids) + max_tokens > limit:
-            raise InputError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                             f"{limit} positions")
+        if len(ids) + max_tokens > self.max_text_len:
+            raise InputError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the {self.max_text_len} "
+                             "positions this output was validated for (convert with a larger --max-text-len)")
         decoder = CachedDecoder(self.session(TEXT_DECODER), self.session(TEXT_DECODER_WITH_PAST),
                                 int(self.generation["num_layers"]))
-        options = DecodingOptions(beams=beams, max_tokens=max_tokens, min_tokens=min_tokens,
-                                  repetition_penalty=repetition_penalty)
         decoded = decode(decoder, self.image_embeds(images), ids, options,
                          eos_id=int(self.generation["eos_token_id"]), pad_id=self.tokens["PAD"])
         return [Caption(self._text(ids, d.token_ids), d.token_ids, d.score) for d in decoded]
@@ -214,7 +207,18 @@ class BlipRuntime:
              graphs.IMAGE_EMBEDS: np.repeat(image_embeds, len(texts), axis=0)},
         )
         itc = (text_features * image_features).sum(axis=-1)
+        require_finite(itm, TEXT_ENCODER, graphs.ITM_PROBABILITY)
+        require_finite(itc, TEXT_ENCODER, "ITC similarity")
         return [Match(text, float(p), float(s)) for text, p, s in zip(texts, itm, itc)]
+
+    def blip_generate_defaults(self, prompt_ids: Sequence[int] | None = None) -> dict[str, Any]:
+        """`caption` keywords that reproduce the original BLIP `generate()`: 3 beams, max_length 30
+        and min_length 10 counted over the whole sequence (prompt included), BLIP's beam scoring."""
+        settings = self.generation["blip_generate"]
+        prompt = len(list(prompt_ids) if prompt_ids is not None else self.prompt_ids())
+        return {"beams": settings["num_beams"], "max_tokens": settings["max_length"] - prompt,
+                "min_tokens": max(0, settings["min_length"] - prompt),
+                "repetition_penalty": settings["repetition_penalty"], "beam_scoring": "blip"}
 
     def _text(self, prompt_ids: list[int], token_ids: list[int]) -> str | None:
         """The caption without the prompt: the whole sequence decoded, the decoded prompt cut off

@@ -71,4 +71,21 @@ class BlipTokenizer:
         return input_ids, attention_mask
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode([i for i in ids if i not in self._hidden], skip_special_tokens=True)
+        """Text as BLIP prints it: transformers' BERT `decode(skip_special_tokens=True,
+        clean_up_tokenization_spaces=True)`, whose clean-up joins "man ' s" into "man's"."""
+        vocab = self._tokenizer.get_vocab_size()
+        text = self._tokenizer.decode([i for i in ids if i not in self._hidden and 0 <= i < vocab],
+                                      skip_special_tokens=True)
+        return clean_up_tokenization(text)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' `PreTrainedTokenizerBase.clean_up_tokenization`, in its order."""
+    for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(spaced, joined)
+    return text

@@ -1,0 +1,3 @@
+"""A plugin whose import raises KeyboardInterrupt (a stray Ctrl-C handler, a misused exception)."""
+
+raise KeyboardInterrupt
