@@ -173,7 +173,8 @@ def test_a_directory_the_tool_did_not_write_is_never_replaced(toy, tmp_path: Pat
     (precious / "thesis.tex").write_text("years of work")
     result = run_cli("toy", "-o", str(precious))
     assert result.returncode == 2
-    assert "refusing to replace a directory this tool did not write" in " ".join(result.stderr.split())
+    message = " ".join(result.stderr.split())
+    assert "was not written by vlm-converter" in message and "thesis.tex" in message
     assert (precious / "thesis.tex").read_text() == "years of work"
 
 

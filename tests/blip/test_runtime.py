@@ -386,7 +386,7 @@ def test_a_directory_that_is_no_blip_output_is_exit_2(capsys, tmp_path, image_fi
     other.mkdir()
     (other / "manifest.json").write_text(json.dumps({"format_version": 1, "model_type": "toy", "modules": {}}))
     code, _, err = convert_cli(capsys, "match", str(other), str(image_files[0]), "a cat")
-    assert code == 2 and "'toy' conversion, not a BLIP one" in err
+    assert code == 2 and '"toy" conversion, not a BLIP one' in err
 
 
 def test_a_changed_or_missing_graph_is_exit_2(tiny, capsys, tmp_path, image_files):
