@@ -236,11 +236,17 @@ def test_an_output_path_that_cannot_be_written_is_exit_2(toy, tmp_path: Path, mo
     import tempfile
 
     from converter_core.cli import run
+    from converter_core.plugins import get_plugin_manager
+
+    get_plugin_manager.cache_clear()  # an earlier test in this process may have loaded the host without toy
 
     def read_only(*args, **kwargs):
         raise PermissionError(errno.EROFS, "Read-only file system", str(tmp_path))
 
     monkeypatch.setattr(tempfile, "mkdtemp", read_only)
-    assert run(["toy", "-o", str(tmp_path / "ro")]) == 2
+    try:
+        assert run(["toy", "-o", str(tmp_path / "ro")]) == 2
+    finally:
+        get_plugin_manager.cache_clear()  # later tests must not see this test's toy plugin
     err = one_line(capsys.readouterr().err)
     assert "cannot write" in err and "Read-only file system" in err and "Traceback" not in err

@@ -370,12 +370,20 @@ def test_gates_decide_only_where_a_pass_changed_the_numbers(vision):
     assert ruined.gates[f"{gate.output}:cosine"] < gate.threshold
 
 
-def test_int8_dynamic_quantises_the_fused_text_encoder_and_its_gate_decides(tmp_path):
+def test_int8_dynamic_quantises_the_fused_text_encoder_and_its_gate_decides(tmp_path, monkeypatch):
     # `fusion` records tensor shapes that ONNX Runtime's optimizer then leaves stale; the quantizer
     # failed on them ("Inferred shape and existing shape differ") and the INT8 pass was reverted
     # without its graph ever being measured. Now the quantised graph is made and the ITM gate judges it.
     from plugins.blip import fixture
     from plugins.blip.checkpoint import load_blip_source
+    from plugins.quant import gated
+
+    # The subject is INT8 on a fused graph; whether fusion is also faster depends on the machine's load
+    # (a busy CI core made it "+105% latency" and reverted it), so here a latency loss is not judged.
+    judged = gated.measured_gain
+    monkeypatch.setattr(gated, "measured_gain", lambda before, after, config: (
+        judged(before, after, config)[0], [loss for loss in judged(before, after, config)[1]
+                                           if not loss.startswith("latency")]))
 
     out = tmp_path / "out"
     policy = parse_pass_policy("text_encoder=fusion+int8-dynamic")
