@@ -55,6 +55,15 @@ def converter_wrap_module(source: object, spec: ModuleSpec) -> torch.nn.Module |
 
 
 @hookimpl
+def converter_backend_tasks(backend: str, model_type: str) -> object | None:
+    if backend != "triton" or model_type != "blip":
+        return None
+    from plugins.blip.serving_triton import BlipTritonTasks
+
+    return BlipTritonTasks()
+
+
+@hookimpl
 def converter_register_commands(cli: typer.Typer) -> None:
     from plugins.blip.commands import register_runtime_commands  # caption, match: the torch-free runtime
 
