@@ -253,13 +253,16 @@ class TritonBackend(Backend):
         details["server"] = found
         if server is None:
             return BackendValidation("skipped", f"{checked}; not served: {found}", details)
-        unservable = {name: f"this tritonserver has no {info['backend']} backend (it has: "
-                            f"{', '.join(server.backends) or 'none'})"
+        unservable = {name: f"this tritonserver has no {info['backend']} backend; it has: "
+                            f"{', '.join(server.backends) or 'none'}"
                       for name, info in models.items() if info["backend"] not in server.backends}
         servable = [name for name in models if name not in unservable]
         details["not_served"] = unservable
         failures: list[str] = []
-        unchecked = [f"{name}: {why}" for name, why in unservable.items()]
+        by_reason: dict[str, list[str]] = {}
+        for name, why in unservable.items():
+            by_reason.setdefault(why, []).append(name)
+        unchecked = [f"{', '.join(names)} ({why})" for why, names in by_reason.items()]
         if servable:
             try:
                 with running_server(server, repository, servable) as address:

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ TOKEN_PAD = -1  # token_ids past the end of a shorter caption of the same reques
 CHECK_SCENES = 20  # held-out fixture scenes captioned through the server
 CONCURRENT_CLIENTS = 16
 ITM_ITC_ATOL = 1e-5
+STATS_WAIT_S = 10.0
 
 
 def image_from_bytes(data: bytes) -> Image.Image:
@@ -242,7 +244,7 @@ class BlipTritonTasks:
         expected = runtime.caption(pictures)
         before = client.counts(CAPTION)
         got = client.concurrent([(CAPTION, {"image": one_image(data)}, {}) for data in images], CONCURRENT_CLIENTS)
-        after = client.counts(CAPTION)
+        after = client.counts(CAPTION, at_least=before[0] + len(images))
         for index, (answer, reference) in enumerate(zip(got, expected)):
             if isinstance(answer, Exception):
                 failures.append(f"model blip_caption: request {index} failed: {answer}")
@@ -379,10 +381,17 @@ class TritonHttp:
             thread.join()
         return answers
 
-    def counts(self, model: str) -> tuple[int, int]:
-        """(inference_count, execution_count) of `model`: fewer executions than inferences is batching."""
-        stats = self.client.get_inference_statistics(model)["model_stats"][0]
-        return int(stats["inference_count"]), int(stats["execution_count"])
+    def counts(self, model: str, at_least: int = 0) -> tuple[int, int]:
+        """(inference_count, execution_count) of `model`: fewer executions than inferences is batching.
+
+        Triton records an execution after its responses went out, so a client that has its answers
+        may still see the old counts: wait (up to STATS_WAIT_S) for `at_least` inferences."""
+        deadline = time.monotonic() + STATS_WAIT_S
+        while True:
+            stats = self.client.get_inference_statistics(model)["model_stats"][0]
+            if int(stats["inference_count"]) >= at_least or time.monotonic() > deadline:
+                return int(stats["inference_count"]), int(stats["execution_count"])
+            time.sleep(0.05)
 
 
 README_EXAMPLES = '''
