@@ -402,5 +402,8 @@ Without a container, the `nvidia-pytriton` wheel ships a `tritonserver` with the
 only (convert with `--backend-option triton.engine=python`); `convert` starts it itself to validate.
 
 ## Requests
+
+A graph model takes its graph's tensors by name (`curl -s localhost:8000/v2/models/<model>/config`
+lists them, with the batch dimension first where `max_batch_size` > 0).
 {examples}
 """

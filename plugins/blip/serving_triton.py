@@ -159,25 +159,29 @@ class BlipTritonModel:
             {graphs.INPUT_IDS: input_ids, graphs.ATTENTION_MASK: attention_mask, graphs.IMAGE_EMBEDS: image_embeds}))
 
     def _match(self, batch: list[tuple[list[Image.Image], Any]]) -> list[Any]:
-        texts_per_request = []
-        for images, request in batch:
+        answers: list[Any] = [None] * len(batch)
+        valid, texts_per_request = [], []
+        for index, (images, request) in enumerate(batch):
             texts = self._input(request, "texts")
-            if texts is None or texts.shape[0] != len(images) or texts.size == 0:
-                raise InputError("blip_match takes one row of texts per image")
-            texts_per_request.append([[bytes(t).decode() for t in row] for row in texts])
-        images = [image for request_images, _ in batch for image in request_images]
+            if texts is None or texts.ndim != 2 or texts.shape[0] != len(images) or texts.shape[1] == 0:
+                answers[index] = InputError("blip_match takes one row of texts per image")
+                continue
+            valid.append(index)
+            texts_per_request.append([[bytes(t).decode(errors="replace") for t in row] for row in texts])
+        if not valid:
+            return answers
+        images = [image for index in valid for image in batch[index][0]]
         embeds = self.runtime.image_embeds(images, self._vision_module())
         rows = [row for request_texts in texts_per_request for row in request_texts]
-        pairs = [text for row in rows for text in row]
         repeat = np.repeat(np.arange(len(rows)), [len(row) for row in rows])
-        itm, text_features, image_features = self._text_encoder(embeds[repeat], pairs)
+        itm, text_features, image_features = self._text_encoder(embeds[repeat], [text for row in rows for text in row])
         itc = (text_features * image_features).sum(axis=-1)
-        answers, start = [], 0
-        for request_texts in texts_per_request:
-            count = sum(len(row) for row in request_texts)
+        start = 0
+        for index, request_texts in zip(valid, texts_per_request):
             shape = (len(request_texts), len(request_texts[0]))
-            answers.append({"itm_probability": itm[start:start + count].reshape(shape).astype(np.float32),
-                            "itc_similarity": itc[start:start + count].reshape(shape).astype(np.float32)})
+            count = shape[0] * shape[1]
+            answers[index] = {"itm_probability": itm[start:start + count].reshape(shape).astype(np.float32),
+                              "itc_similarity": itc[start:start + count].reshape(shape).astype(np.float32)}
             start += count
         return answers
 
