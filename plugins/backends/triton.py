@@ -116,15 +116,23 @@ class TaskModel:
     parameters: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class TaskCheck:
+    """What the task layer found on the server: failures, what it could not check and why, measurements."""
+
+    failures: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 class TritonTasks(Protocol):
     """What a model family's task layer offers the triton backend (`converter_backend_tasks`)."""
 
     def task_models(self, out_dir: Path, repository: Path, modules: list[ExportedModule]) -> list[TaskModel]:
         """The task models to write; `parameters` may use paths relative to the model's folder."""
 
-    def check_served(self, address: str, out_dir: Path, models: list[str]) -> tuple[list[str], dict[str, Any]]:
-        """Check the served task `models` at `address` (HTTP) against the family's own runtime on
-        `out_dir`: the failures, and what was measured."""
+    def check_served(self, address: str, out_dir: Path, models: list[str]) -> TaskCheck:
+        """Check the served task `models` at `address` (HTTP) against the family's own runtime on `out_dir`."""
 
     def readme(self, models: list[str]) -> str:
         """Markdown with example requests for `models`."""
@@ -361,9 +369,10 @@ def _check_served(address: str, out_dir: Path, models: dict[str, Any], servable:
             failures.append(f"model {name} on tritonserver: {failure}")
     tasks = [name for name in servable if models[name]["kind"] == "task"]
     if tasks and context.tasks is not None:
-        task_failures, measured = context.tasks.check_served(address, out_dir, tasks)
-        failures += task_failures
-        details["served"].update(measured)
+        check = context.tasks.check_served(address, out_dir, tasks)
+        failures += check.failures
+        unchecked += check.unchecked
+        details["served"].update(check.details)
     return failures, unchecked
 
 

@@ -2,9 +2,9 @@
 
 - `blip_caption`: `image` (encoded image bytes) -> `caption` (text) and `token_ids` (int64, -1 past the
   end). Request parameters `prompt`, `beams`, `max_tokens`, `min_tokens`, `repetition_penalty`
-  (default: greedy, 20 tokens, the manifest's prompt). The whole decoding loop, KV cache included,
-  runs inside the model: no per-step round trips through the server. The requests Triton hands over
-  together are captioned as one batch per distinct setting.
+  (default: greedy, 20 tokens or what --max-text-len leaves, the manifest's prompt). The whole
+  decoding loop, KV cache included, runs inside the model: no per-step round trips through the
+  server. The requests Triton hands over together are captioned as one batch per distinct setting.
 - `blip_match`: `image` and `texts` (one row of texts per image) -> `itm_probability` and
   `itc_similarity` per text, all pairs of all requests through the text encoder at once.
 - `blip_embed`: `image` -> `image_embedding`, the unit ITC image embedding (`normalize(vision_proj(.))`).
@@ -35,7 +35,8 @@ from plugins.blip import graphs
 CAPTION, MATCH, EMBED = "blip_caption", "blip_match", "blip_embed"
 MODEL_SOURCE = Path(__file__).with_name("triton_model.py")
 CAPTION_PARAMETERS = {"prompt": str, "beams": int, "max_tokens": int, "min_tokens": int, "repetition_penalty": float}
-CAPTION_DEFAULTS = {"beams": 1, "max_tokens": 20, "min_tokens": 0, "repetition_penalty": 1.0}
+CAPTION_DEFAULTS = {"beams": 1, "min_tokens": 0, "repetition_penalty": 1.0}
+DEFAULT_MAX_TOKENS = 20  # where the output's text length allows it: see caption_limit
 TOKEN_PAD = -1  # token_ids past the end of a shorter caption of the same request
 CHECK_SCENES = 20  # held-out fixture scenes captioned through the server
 CONCURRENT_CLIENTS = 16
@@ -68,6 +69,11 @@ def caption_settings(parameters: dict[str, Any]) -> dict[str, Any]:
             raise InputError(f"request parameter {key}={value!r}: expected {kind.__name__}")
         settings[key] = value
     return settings
+
+
+def caption_limit(runtime: Any, prompt: str | None = None) -> int:
+    """The default max_tokens (20) where the output's text length allows it, else what it allows."""
+    return max(1, min(DEFAULT_MAX_TOKENS, runtime.max_text_len - len(runtime.prompt_ids(prompt))))
 
 
 class BlipTritonModel:
@@ -120,6 +126,7 @@ class BlipTritonModel:
         for index, (_, request) in enumerate(batch):
             try:
                 settings = caption_settings(json.loads(request.parameters() or "{}"))
+                settings.setdefault("max_tokens", caption_limit(self.runtime, settings.get("prompt")))
             except InputError as exc:
                 answers[index] = exc
                 continue
@@ -223,29 +230,30 @@ class BlipTritonTasks:
                                     MODEL_SOURCE, {**parameters, "task": EMBED}))
         return models
 
-    def check_served(self, address: str, out_dir: Path, models: list[str]) -> tuple[list[str], dict[str, Any]]:
+    def check_served(self, address: str, out_dir: Path, models: list[str]) -> Any:
+        from plugins.backends.triton import TaskCheck
         from plugins.blip.runtime import BlipRuntime
 
         runtime = BlipRuntime(out_dir)
         if not runtime.has_tokenizer():
-            return [], {name: {"status": "skipped", "reason": "the output ships no tokenizer"} for name in models}
+            return TaskCheck(unchecked=[f"{', '.join(models)} (the output ships no tokenizer: texts cannot be "
+                                        "compared)"])
         images = check_images(runtime)
-        failures: list[str] = []
-        measured: dict[str, Any] = {}
+        check = TaskCheck()
         client = TritonHttp(address)
         if CAPTION in models:
-            failures += self._check_captions(client, runtime, images, measured)
+            check.failures += self._check_captions(client, runtime, images, check.details)
         if MATCH in models:
-            failures += self._check_match(client, runtime, images, measured)
+            check.failures += self._check_match(client, runtime, images, check.details)
         if EMBED in models:
-            failures += self._check_embed(client, runtime, images, measured)
-        return failures, measured
+            check.failures += self._check_embed(client, runtime, images, check.details)
+        return check
 
     def _check_captions(self, client: TritonHttp, runtime: Any, images: list[bytes],
                         measured: dict[str, Any]) -> list[str]:
         failures = []
         pictures = [image_from_bytes(data) for data in images]
-        expected = runtime.caption(pictures)
+        expected = runtime.caption(pictures, max_tokens=caption_limit(runtime))
         before = client.counts(CAPTION)
         got = client.concurrent([(CAPTION, {"image": one_image(data)}, {}) for data in images], CONCURRENT_CLIENTS)
         after = client.counts(CAPTION, at_least=before[0] + len(images))
@@ -260,7 +268,7 @@ class BlipTritonTasks:
         if not executions < inferences:
             failures.append(f"model blip_caption: {len(images)} requests from {CONCURRENT_CLIENTS} concurrent clients "
                             f"ran in {executions} executions for {inferences} inferences: no batching")
-        beams = {"beams": 3, "max_tokens": 12, "prompt": "a picture of "}
+        beams = {"beams": 3, "max_tokens": min(12, caption_limit(runtime)), "prompt": "a picture of "}
         answer = client.infer(CAPTION, {"image": np.array([[d] for d in images[:2]], dtype=np.object_)}, beams)
         reference = runtime.caption(pictures[:2], **beams)
         if caption_ids(answer) != [c.token_ids for c in reference]:
