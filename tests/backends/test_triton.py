@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -19,10 +20,11 @@ from google.protobuf import text_format
 from PIL import Image
 from tritonclient.grpc import model_config_pb2
 
-from converter_core.specs import BackendArtifacts, BackendContext
-from plugins.backends.triton import TritonBackend
+from converter_core.specs import BackendArtifacts, BackendContext, ExportedModule, ModuleSpec, ShapeCase, TensorSpec
+from plugins.backends.triton import TritonBackend, TritonOptions
 from plugins.backends.triton_server import find_server, running_server
 from plugins.blip.fixture import draw, heldout_scenes
+from plugins.blip.serving_triton import BlipTritonTasks
 from tests.conftest import run_cli
 
 GRAPHS = ("vision_encoder", "text_encoder", "text_decoder", "text_decoder_with_past")
@@ -159,6 +161,32 @@ def test_the_served_repository_captions_and_matches_as_the_runtime_does(blip: Pa
     np.testing.assert_allclose(embedding, features[0], atol=1e-5)
     assert abs(float(np.linalg.norm(embedding)) - 1) < 1e-5
     assert not list((blip / "triton").rglob("__pycache__"))
+
+
+def test_the_default_repository_serves_its_task_models_and_names_the_graphs_this_server_cannot_load(blip, tmp_path):
+    # The same graphs, prepared again for Triton's ONNX Runtime backend, as the pipeline would.
+    out = tmp_path / "out"
+    shutil.copytree(blip, out, ignore=shutil.ignore_patterns("triton"))
+    modules = []
+    for name, entry in _manifest(out)["modules"].items():
+        tensors = [tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in entry[kind])
+                   for kind in ("inputs", "outputs")]
+        spec = ModuleSpec(name, *tensors, example=ShapeCase("none", {}), cases=[])
+        modules.append(ExportedModule(spec, out / entry["file"]))
+    backend = TritonBackend()
+    context = BackendContext("blip", tasks=BlipTritonTasks())
+    options = TritonOptions(max_batch_size=8)
+    artifacts = backend.prepare(modules, out, options, context)
+    verdict = backend.validate(artifacts, out, {}, context)
+
+    assert verdict.status == "skipped", verdict.reason
+    assert ("not checked live: vision_encoder, text_encoder, text_decoder, text_decoder_with_past (this tritonserver "
+            "has no onnxruntime backend; it has: python)") in verdict.reason
+    served = verdict.details["served"]
+    assert served["blip_caption"]["token_identical"] and served["blip_caption"]["images"] == 20
+    assert served["blip_caption"]["execution_count"] < served["blip_caption"]["inference_count"]
+    assert served["blip_match"]["max_abs_diff"] <= 1e-5 and served["blip_embed"]["unit_norm_error"] <= 1e-5
+    assert not list((out / "triton").rglob("__pycache__"))
 
 
 def _graph_io(path: Path, batched: bool) -> dict[str, tuple[str, list[int]]]:
