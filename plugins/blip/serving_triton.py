@@ -268,7 +268,7 @@ class BlipTritonTasks:
         if not executions < inferences:
             failures.append(f"model blip_caption: {len(images)} requests from {CONCURRENT_CLIENTS} concurrent clients "
                             f"ran in {executions} executions for {inferences} inferences: no batching")
-        beams = {"beams": 3, "max_tokens": min(12, caption_limit(runtime)), "prompt": "a picture of "}
+        beams = {"beams": 3, "max_tokens": min(12, caption_limit(runtime)), "prompt": graphs.PROMPT}
         answer = client.infer(CAPTION, {"image": np.array([[d] for d in images[:2]], dtype=np.object_)}, beams)
         reference = runtime.caption(pictures[:2], **beams)
         if caption_ids(answer) != [c.token_ids for c in reference]:
