@@ -9,6 +9,7 @@ from converter_core.extension import Backend
 from plugins.backends.cpu import CpuBackend
 from plugins.backends.mobile import MobileBackend
 from plugins.backends.tensorrt import TensorrtBackend
+from plugins.backends.web import WebBackend
 
 
 @hookimpl
@@ -16,3 +17,4 @@ def converter_register_backends(register: Callable[[Backend], None]) -> None:
     register(CpuBackend())
     register(TensorrtBackend())
     register(MobileBackend())
+    register(WebBackend())

@@ -55,6 +55,17 @@ def converter_wrap_module(source: object, spec: ModuleSpec) -> torch.nn.Module |
 
 
 @hookimpl
+def converter_backend_tasks(backend: str, model_type: str) -> object | None:
+    if model_type != "blip":
+        return None
+    if backend == "web":
+        from plugins.blip.web import BlipWebTasks  # the browser app and its check against the Python runtime
+
+        return BlipWebTasks()
+    return None
+
+
+@hookimpl
 def converter_register_commands(cli: typer.Typer) -> None:
     from plugins.blip.commands import register_runtime_commands  # caption, match: the torch-free runtime
 
