@@ -271,3 +271,17 @@ def test_a_model_family_without_a_browser_runtime_is_told_so(plugin_site, tmp_pa
     result = run_cli("toy", "-o", str(tmp_path / "out"), "--backend", "web")
     assert result.returncode == 2
     assert "no browser runtime" in result.stderr
+
+
+@needs_browser
+def test_int8_graphs_as_the_int8_dynamic_pass_writes_them_run_in_onnxruntime_web(out: Path, tmp_path: Path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graphs = {}
+    for name in ("vision_encoder", "text_decoder_with_past"):
+        graphs[name] = tmp_path / f"{name}.int8.onnx"
+        quantize_dynamic(out / f"{name}.onnx", graphs[name], op_types_to_quantize=["MatMul", "Gemm"],
+                         weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+        assert any(n.op_type == "MatMulInteger" for n in onnx.load(str(graphs[name])).graph.node)
+    check = check_ops(graphs, find_executable("node"))
+    assert check.errors == {name: None for name in graphs}

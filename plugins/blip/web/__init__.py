@@ -74,8 +74,10 @@ def _vocabulary(out_dir: Path, metadata: dict[str, Any]) -> tuple[bytes, bool] |
         return (folder / "vocab.txt").read_bytes(), config.get("do_lower_case", True)
     if "tokenizer/tokenizer.json" in files:
         table = json.loads((folder / "tokenizer.json").read_text())
-        vocab = table["model"]["vocab"]
-        lines = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+        by_id = {int(i): token for token, i in table["model"]["vocab"].items()}
+        # A line per id, so that ids stay ids; an id the table lacks ([DEC], [ENC] as added tokens) is
+        # only ever put in by id, and a placeholder keeps its place.
+        lines = [by_id.get(i, f"[unused-{i}]") for i in range(max(by_id) + 1)]
         lowercase = (table.get("normalizer") or {}).get("lowercase", config.get("do_lower_case", True))
         return ("\n".join(lines) + "\n").encode(), lowercase
     return None
