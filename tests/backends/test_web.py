@@ -258,12 +258,20 @@ def test_the_op_check_names_an_op_the_wasm_ep_cannot_run_and_validation_fails(tm
     assert result.status == "failed" and "Frobnicate" in result.reason and "frob" in result.reason
 
 
-@pytest.mark.parametrize("option", ["web.threads=0", "web.validation_images=none", "web.timeout_s=-1", "web.colour=red"])
-def test_bad_web_options_are_exit_2_with_one_line(option: str, tmp_path: Path):
-    result = run_cli("blip", "-o", str(tmp_path / "out"), "--backend", "web", "--backend-option", option)
+def test_a_bad_web_option_is_exit_2_with_one_line(tmp_path: Path):
+    result = run_cli("blip", "-o", str(tmp_path / "out"), "--backend", "web", "--backend-option", "web.threads=0")
     assert result.returncode == 2, result.stdout + result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "threads" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", ["web.validation_images=none", "web.timeout_s=-1", "web.colour=red"])
+def test_web_options_of_the_wrong_type_or_name_are_bad_input(option: str):
+    from converter_core.options import resolve_backend_options
+
+    key, value = option.split("=")
+    with pytest.raises(InputError, match="web"):
+        resolve_backend_options({"web": WebOptions}, {key: value})
 
 
 def test_a_model_family_without_a_browser_runtime_is_told_so(plugin_site, tmp_path: Path):
