@@ -293,3 +293,54 @@ def test_int8_graphs_as_the_int8_dynamic_pass_writes_them_run_in_onnxruntime_web
         assert any(n.op_type == "MatMulInteger" for n in onnx.load(str(graphs[name])).graph.node)
     check = check_ops(graphs, find_executable("node"))
     assert check.errors == {name: None for name in graphs}
+
+
+class _HashDecoder:
+    """Logits as an integer hash of each row's tokens so far (tests/backends/web/fake_search.mjs computes
+    the same), so that both searches see identical scores and only their rules can differ."""
+
+    vocab, eos = 40, 3
+
+    def logits(self, history: list[int]) -> np.ndarray:
+        s = 17
+        for t in history:
+            s = (s * 31 + int(t) + 7) % 1000003
+        v = np.arange(self.vocab)
+        out = (((s * 131 + v * 977 + (s % 89) * v * v) % 1000003) / 1000003 * 6).astype(np.float32)
+        out[self.eos] = np.float32(np.float64(out[self.eos]) + len(history) * 0.1)
+        return out
+
+    def start(self, input_ids: np.ndarray, image_embeds: np.ndarray):
+        from plugins.blip.runtime.decoding import Cache
+
+        return np.stack([self.logits(list(row)) for row in input_ids]), Cache([input_ids.copy()], [])
+
+    def advance(self, tokens: np.ndarray, cache):
+        from plugins.blip.runtime.decoding import Cache
+
+        rows = np.concatenate([cache.self_kv[0], tokens.reshape(-1, 1)], axis=1)
+        return np.stack([self.logits(list(row)) for row in rows]), Cache([rows], [])
+
+
+@needs_browser
+def test_the_page_searches_by_the_python_runtimes_rules(out: Path):
+    from plugins.blip.runtime.decoding import DecodingOptions, decode
+
+    cases = []
+    for beams, max_tokens, min_tokens, repetition, length in [
+            (1, 12, 0, 1.0, 1.0), (1, 15, 8, 1.3, 1.0), (2, 10, 0, 1.0, 1.0), (3, 14, 4, 1.0, 1.0),
+            (3, 12, 0, 1.2, 0.5), (4, 9, 2, 0.8, 2.0), (5, 15, 10, 1.5, 1.0), (3, 6, 6, 1.0, 1.0)]:
+        for prompt in ([1, 9, 20, 7], [1], [1, 33]):
+            cases.append({"prompt": prompt, "options": {"beams": beams, "maxTokens": max_tokens, "minTokens": min_tokens,
+                                                        "repetitionPenalty": repetition, "lengthPenalty": length}})
+    import subprocess
+
+    done = subprocess.run([find_executable("node"), str(Path(__file__).parent / "web" / "fake_search.mjs"), str(out / "web")],
+                          input=json.dumps(cases), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for case, got in zip(cases, json.loads(done.stdout), strict=True):
+        o = case["options"]
+        options = DecodingOptions(beams=o["beams"], max_tokens=o["maxTokens"], min_tokens=o["minTokens"],
+                                  repetition_penalty=o["repetitionPenalty"], length_penalty=o["lengthPenalty"])
+        [want] = decode(_HashDecoder(), np.zeros((1, 1, 1), np.float32), case["prompt"], options, eos_id=3, pad_id=0)
+        assert got == want.token_ids, case

@@ -600,7 +600,7 @@ function isCjk(c) {
 // ---------------------------------------------------------------------------------------------
 // Decoding (plugins/blip/runtime/decoding.py), one image at a time
 
-class CachedDecoder {
+export class CachedDecoder {
   constructor(firstStep, withPast, layers) {
     this.firstStep = firstStep;
     this.withPast = withPast;
@@ -697,6 +697,13 @@ function top(values, k) {
   const indices = Array.from(values.keys());
   indices.sort((a, b) => (values[b] - values[a]) || (a - b));
   return indices.slice(0, k);
+}
+
+// The search alone, for any decoder with `start(prompt, embeds)` and `advance(tokens, cache)` (tests
+// drive it with a decoder whose logits both languages can compute exactly).
+export async function search(decoder, embeds, prompt, options, eos, pad) {
+  checkOptions(options);
+  return options.beams === 1 ? greedy(decoder, embeds, prompt, options, eos, pad) : beamSearch(decoder, embeds, prompt, options, eos);
 }
 
 async function greedy(decoder, embeds, prompt, options, eos, pad) {
