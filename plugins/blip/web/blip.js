@@ -120,9 +120,7 @@ export class Blip {
     const embeds = await this.imageEmbeds(pixels || await this.pixelValues(image));
     const decoder = new CachedDecoder(this.sessions.text_decoder, this.sessions.text_decoder_with_past, this.generation.num_layers);
     const eos = this.generation.eos_token_id;
-    const decoded = options.beams === 1
-      ? await greedy(decoder, embeds, prompt, options, eos, this.tokens.PAD)
-      : await beamSearch(decoder, embeds, prompt, options, eos);
+    const decoded = await search(decoder, embeds, prompt, options, eos, this.tokens.PAD);
     return { ...decoded, text: this.captionText(prompt, decoded.token_ids) };
   }
 
