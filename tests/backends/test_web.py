@@ -40,7 +40,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if MISSING is not None:
         pytest.skip(f"web backend not runnable here: {MISSING}")
     out = tmp_path_factory.mktemp("web") / "out"
-    result = run_cli("blip", "-o", str(out), "--backend", "web")
+    result = run_cli("blip", "-o", str(out), "--backend", "web", "--backend-option", "web.validation_images=4")
     assert result.returncode == 0, result.stdout + result.stderr
     return out
 
