@@ -63,7 +63,7 @@ def test_a_plugin_with_an_unknown_hook_is_refused_by_name(plugin_site):
     message = " ".join(result.stderr.split())
     assert "plugin 'misspelt' (misspelt_hook_plugin, from misspelt-plugin) not loaded" in message
     assert "implements hooks that do not exist: converter_register_backend" in message
-    assert [b["name"] for b in json.loads(result.stdout)] == ["cpu", "mobile", "tensorrt", "triton"]
+    assert [b["name"] for b in json.loads(result.stdout)] == ["cpu", "mobile", "tensorrt", "triton", "web"]
 
 
 def test_two_plugins_with_the_same_backend_or_command_name_is_an_error_naming_both(plugin_site, tmp_path):

@@ -10,6 +10,7 @@ from plugins.backends.cpu import CpuBackend
 from plugins.backends.mobile import MobileBackend
 from plugins.backends.tensorrt import TensorrtBackend
 from plugins.backends.triton import TritonBackend
+from plugins.backends.web import WebBackend
 
 
 @hookimpl
@@ -18,3 +19,4 @@ def converter_register_backends(register: Callable[[Backend], None]) -> None:
     register(TensorrtBackend())
     register(MobileBackend())
     register(TritonBackend())
+    register(WebBackend())

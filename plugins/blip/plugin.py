@@ -56,11 +56,17 @@ def converter_wrap_module(source: object, spec: ModuleSpec) -> torch.nn.Module |
 
 @hookimpl
 def converter_backend_tasks(backend: str, model_type: str) -> object | None:
-    if backend != "triton" or model_type != "blip":
+    if model_type != "blip":
         return None
-    from plugins.blip.serving_triton import BlipTritonTasks
+    if backend == "triton":
+        from plugins.blip.serving_triton import BlipTritonTasks  # the Python models that run the decoding loop
 
-    return BlipTritonTasks()
+        return BlipTritonTasks()
+    if backend == "web":
+        from plugins.blip.web import BlipWebTasks  # the browser app and its check against the Python runtime
+
+        return BlipWebTasks()
+    return None
 
 
 @hookimpl
