@@ -99,7 +99,7 @@ def converter_register_commands(cli: typer.Typer) -> None:
         with stage_progress() as on_stage:
             on_stage("loading the checkpoint")
             source = load_source(checkpoint or [], random_weights, preset, image_size, seed, tokenizer)
-            positions = (source.captioning or source.retrieval).config.text_config.max_position_embeddings
+            positions = source.model.config.text_config.max_position_embeddings
             if max_text_len > positions:
                 raise InputError(f"--max-text-len {max_text_len} exceeds the model's {positions} text positions")
             conversion = BlipConversion(source, max_batch, max_text_len, calibration_images)
