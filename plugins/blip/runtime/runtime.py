@@ -261,6 +261,17 @@ class BlipRuntime:
                              f"{len(questions)} questions")
         if any(not q.strip() for q in questions):
             raise InputError("a question is empty")
+        options = DecodingOptions(beams=beams, max_tokens=max_tokens, min_tokens=min_tokens, beam_scoring=beam_scoring)
+        options.check()
+        if 1 + max_tokens > self.max_text_len:
+            raise InputError(f"max_tokens {max_tokens} exceeds the {self.max_text_len} positions this output was "
+                             "validated for")
+        candidates = None if answers is None else [str(a) for a in answers]
+        if candidates is not None and (not candidates or any(not a.strip() for a in candidates)):
+            raise InputError("rank mode needs a list of non-empty candidate answers")
+        top_k = int(vqa["rank"]["k"]) if k is None else k
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise InputError(f"k must be an integer >= 1, got {top_k!r}")
         if not images:
             return []
         input_ids, question_mask = self.tokenizer.batch(questions, int(vqa["question_max_tokens"]))
@@ -270,24 +281,13 @@ class BlipRuntime:
         states = require_finite(states, QUESTION_ENCODER, graphs.QUESTION_STATES)
         layers = int(self.generation["num_layers"])
         first, with_past = self.session(ANSWER_DECODER), self.session(ANSWER_DECODER_WITH_PAST)
-        if answers is not None:
-            candidates = [str(a) for a in answers]
-            if not candidates or any(not a.strip() for a in candidates):
-                raise InputError("rank mode needs a list of non-empty candidate answers")
+        if candidates is not None:
             answer_ids, answer_mask = self.tokenizer.batch(candidates)
             answer_ids[:, 0] = self.tokens["DEC"]
-            top_k = int(vqa["rank"]["k"]) if k is None else k
-            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-                raise InputError(f"k must be an integer >= 1, got {top_k!r}")
             decoder = AnswerDecoder(first, with_past, layers, question_mask)
             ranked = rank(decoder, states, question_mask, candidates, answer_ids, answer_mask, top_k,
                           float(vqa["rank"]["label_smoothing"]))
             return [Answer(q, r[0].answer, [], r[0].score, r) for q, r in zip(questions, ranked)]
-        options = DecodingOptions(beams=beams, max_tokens=max_tokens, min_tokens=min_tokens, beam_scoring=beam_scoring)
-        options.check()
-        if 1 + max_tokens > self.max_text_len:
-            raise InputError(f"max_tokens {max_tokens} exceeds the {self.max_text_len} positions this output was "
-                             "validated for")
         # Generate mode attends to every question position, padding included (BLIP_VQA, transformers).
         decoder = AnswerDecoder(first, with_past, layers, np.ones_like(question_mask))
         decoded = decode(decoder, states, [self.tokens["DEC"]], options,
