@@ -271,7 +271,7 @@ RECIPES = (
         make_inputs=question_encoder_inputs, axes=lambda layers: graphs.question_encoder_axes(),
         outputs=_question_encoder_outputs, example={"batch": 2, "question": 6},
         cases=({"batch": 1, "question": 1}, {"batch": 3, "question": 9}, {"batch": 2, "question": 16}),
-        longest=lambda longest: {"batch": 2, "question": graphs.QUESTION_MAX_TOKENS},
+        longest=lambda longest: {"batch": 2, "question": _question_limit(longest)},
         gates=(Gate(graphs.QUESTION_STATES, "cosine", 0.99),),
     ),
     GraphRecipe(
@@ -283,7 +283,7 @@ RECIPES = (
         example={"batch": 2, "text": 3, "question": 5},
         cases=({"batch": 1, "text": 1, "question": 1}, {"batch": 3, "text": 4, "question": 7},
                {"batch": 2, "text": 1, "question": 12}),
-        longest=lambda longest: {"batch": 1, "text": longest, "question": graphs.QUESTION_MAX_TOKENS},
+        longest=lambda longest: {"batch": 1, "text": longest, "question": _question_limit(longest)},
         gates=DECODER_GATES,
     ),
     GraphRecipe(
@@ -294,11 +294,17 @@ RECIPES = (
         example={"batch": 2, "new": 2, "past": 3, "question": 5},
         cases=({"batch": 1, "new": 1, "past": 1, "question": 1}, {"batch": 3, "new": 1, "past": 6, "question": 7},
                {"batch": 2, "new": 3, "past": 2, "question": 12}),
-        longest=lambda longest: {"batch": 1, "new": 1, "past": longest - 1, "question": graphs.QUESTION_MAX_TOKENS},
+        longest=lambda longest: {"batch": 1, "new": 1, "past": longest - 1, "question": _question_limit(longest)},
         gates=DECODER_GATES,
     ),
 )
 RECIPE = {recipe.name: recipe for recipe in RECIPES}
+
+
+def _question_limit(max_text_len: int) -> int:
+    """The longest question served: BLIP_VQA's 35 tokens, or fewer when the texts served are shorter
+    (the runtime's tokenizer cuts at both)."""
+    return min(graphs.QUESTION_MAX_TOKENS, max_text_len)
 
 
 def _config_model(source: BlipSource):
@@ -325,7 +331,7 @@ def axis_ranges(conversion: BlipConversion) -> dict[str, tuple[int, int, int]]:
         "past": (1, conversion.max_text_len // 2, conversion.max_text_len),
         # Fixed by the image size; the graphs keep the axis symbolic, so a profile still needs it.
         "image_tokens": (tokens, tokens, tokens),
-        "question": (1, 16, graphs.QUESTION_MAX_TOKENS),
+        "question": (1, min(16, _question_limit(conversion.max_text_len)), _question_limit(conversion.max_text_len)),
     }
 
 
