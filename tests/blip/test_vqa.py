@@ -101,7 +101,7 @@ class Converted:
         return [row[1:row.index(SEP) + 1] if SEP in row else row[1:] for row in rows.tolist()]
 
 
-def build(shape: str, folder: Path, validate: bool) -> Converted:
+def build(shape: str, folder: Path, validate: bool, backends: tuple[str, ...] = ()) -> Converted:
     config = SHAPES[shape]
     torch.manual_seed(0)  # transformers' initialisation draws from the global generator
     model = noisy(BlipForQuestionAnswering(config), seed=len(shape))
@@ -109,7 +109,8 @@ def build(shape: str, folder: Path, validate: bool) -> Converted:
     vocab = write_vocab(folder / f"{shape}-vocab", config.text_config.vocab_size)
     shutil.copy(vocab / "vocab.txt", hf_dir / "vocab.txt")
     out = folder / f"{shape}-onnx"
-    result = convert(BlipConversion(load_blip_source([hf_dir])), ConvertOptions(output_dir=out, validate=validate))
+    options = ConvertOptions(output_dir=out, validate=validate, backends=backends)
+    result = convert(BlipConversion(load_blip_source([hf_dir])), options)
     assert not result.failures
     size = config.vision_config.image_size
     processor = BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.48145466, 0.4578275, 0.40821073],
@@ -121,8 +122,8 @@ def build(shape: str, folder: Path, validate: bool) -> Converted:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Converted:
-    # Validated: every graph against PyTorch at the recipe's shape cases.
-    return build("tiny", tmp_path_factory.mktemp("vqa"), validate=True)
+    # Validated: every graph against PyTorch at the recipe's shape cases, and on the backends.
+    return build("tiny", tmp_path_factory.mktemp("vqa"), validate=True, backends=("cpu", "mobile"))
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +149,9 @@ def test_a_vqa_directory_converts_to_validated_vqa_graphs(tiny):
     assert manifest["generation"]["vqa"]["blip_generate"]["max_length"] == 10
     mask = next(i for i in manifest["modules"]["answer_decoder_with_past"]["inputs"] if i["name"] == "question_mask")
     assert mask["shape"] == ["batch", "question"]
+    assert {name: backend["status"] for name, backend in manifest["backends"].items()} == {"cpu": "passed",
+                                                                                            "mobile": "passed"}
+    assert (tiny.out / "mobile" / "answer_decoder_with_past.ort").is_file()
 
 
 # --------------------------------------------------------------------------------------------
