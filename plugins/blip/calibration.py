@@ -71,7 +71,7 @@ def calibration_cases(
         label = f"images {start}..{min(start + batch, len(images)) - 1}"
         pixels = pixel_values(images[start : start + batch], source.image_size)
         texts = captions[start : start + batch]
-        for name, model in ((VISION_ENCODER, source.captioning or source.retrieval),
+        for name, model in ((VISION_ENCODER, source.model),
                             (RETRIEVAL_VISION_ENCODER, source.retrieval)):
             if name in cases and model is not None:
                 cases[name].append(ShapeCase(label, {graphs.PIXEL_VALUES: pixels}))

@@ -23,7 +23,7 @@ from transformers import BlipConfig, PreTrainedModel
 from converter_core.errors import InputError
 from converter_core.output import sha256_file
 from plugins.blip.graphs import TEXT_DECODER, TEXT_ENCODER
-from plugins.blip.presets import HEAD_DIM, BlipDims, check_image_size, empty_models, special_tokens
+from plugins.blip.presets import HEAD_DIM, BlipDims, check_image_size, empty_models, empty_vqa_model, special_tokens
 from plugins.blip.source import BlipSource, CheckpointFile
 
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -46,6 +46,8 @@ VISION_KEYS = [
 ORIGINAL_VISION, HF_VISION = "visual_encoder.", "vision_model."
 CAPTIONING_PREFIXES = ("text_decoder.",)
 RETRIEVAL_PREFIXES = ("text_encoder.", "vision_proj.", "text_proj.", "itm_head.")
+RETRIEVAL_HEADS = RETRIEVAL_PREFIXES[1:]
+VQA_ARCHITECTURE = "BlipForQuestionAnswering"
 LISTED_KEYS = 5
 
 
@@ -147,10 +149,6 @@ def _read_hf_dir(path: Path) -> _Checkpoint:
     architectures = config_data.get("architectures") or []
     if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
         raise CheckpointError(f"{config_file}: 'architectures' must be a list of class names, got {architectures!r}"[:300])
-    if "BlipForQuestionAnswering" in architectures:
-        raise CheckpointError(
-            f"{path}: BLIP question answering is not supported; give a captioning or retrieval model"
-        )
     if not isinstance(config_data.get("vision_config", {}), dict) or not isinstance(config_data.get("text_config", {}), dict):
         raise CheckpointError(f"{config_file}: vision_config and text_config must be tables")
     weights = next((path / name for name in HF_WEIGHTS if (path / name).is_file()), None)
@@ -166,6 +164,10 @@ def _read_hf_dir(path: Path) -> _Checkpoint:
         config = BlipConfig.from_dict(config_data)
     except Exception as exc:  # transformers validates many fields, each with its own error type
         raise CheckpointError(f"{config_file}: not a valid BLIP config ({_first_line(exc)})") from exc
+    parts = _parts(state, weights)
+    if architectures and (VQA_ARCHITECTURE in architectures) != (parts == ("vqa",)):
+        said = "a question-answering model" if VQA_ARCHITECTURE in architectures else f"a {architectures[:1]} model"
+        raise CheckpointError(f"{config_file}: says {said}, but the weights hold a BLIP {' + '.join(parts)} model")
     return _Checkpoint(
         path=path,
         file=weights,
@@ -173,7 +175,7 @@ def _read_hf_dir(path: Path) -> _Checkpoint:
         sha256=sha256_file(weights),
         state=state,
         config=config,
-        parts=_parts(state, weights),
+        parts=parts,
         name_in_file=lambda name: name,
         dropped=dropped,
         tokenizer_dir=path if any((path / name).is_file() for name in TOKENIZER_MARKERS) else None,
@@ -338,6 +340,11 @@ def _infer_dims(state: dict[str, torch.Tensor], path: Path, name_in_file: Callab
 
 
 def _parts(state: dict[str, torch.Tensor], path: Path) -> tuple[str, ...]:
+    """What the keys hold. A question encoder and an answer decoder without the retrieval heads are
+    BLIP_VQA (`model_base_vqa_capfilt_large.pth`, `model_vqa.pth`); a pretrain file has the heads."""
+    has = lambda prefixes: any(key.startswith(prefixes) for key in state)  # noqa: E731
+    if has(("text_encoder.",)) and has(CAPTIONING_PREFIXES) and not has(RETRIEVAL_HEADS):
+        return ("vqa",)
     parts = tuple(
         part
         for part, prefixes in (("captioning", CAPTIONING_PREFIXES), ("retrieval", RETRIEVAL_PREFIXES))
@@ -354,7 +361,8 @@ def _build(ckpt: _Checkpoint, image_size: int) -> _Loaded:
     if image_size != ckpt.image_size:
         _resize_positions(ckpt, image_size)
     captioning, retrieval = empty_models(ckpt.config, ckpt.parts)
-    built = (("captioning", captioning), ("retrieval", retrieval))
+    vqa = empty_vqa_model(ckpt.config) if "vqa" in ckpt.parts else None
+    built = (("captioning", captioning), ("retrieval", retrieval), ("vqa", vqa))
     models = {part: model for part, model in built if model is not None}
     expected: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
@@ -422,7 +430,11 @@ def _combine(loaded: list[_Loaded], image_size: int) -> BlipSource:
                     f"{origin[part].path} and {item.checkpoint.path} both hold a {part} model; give at most one of each"
                 )
             models[part], origin[part] = model, item.checkpoint
-    captioning, retrieval = models.get("captioning"), models.get("retrieval")
+    captioning, retrieval, vqa = models.get("captioning"), models.get("retrieval"), models.get("vqa")
+    if vqa is not None and len(models) > 1:
+        others = [str(origin[part].path) for part in models if part != "vqa"]
+        raise InputError(f"{origin['vqa'].path} is a VQA checkpoint; this version converts it on its own, "
+                         f"without {' and '.join(others)}")
 
     shared_vision = True
     if captioning is not None and retrieval is not None and captioning.vision_model is not retrieval.vision_model:
@@ -445,9 +457,12 @@ def _combine(loaded: list[_Loaded], image_size: int) -> BlipSource:
 
     first = loaded[0].checkpoint
     absent = {}
-    if retrieval is None:
+    if vqa is not None:
+        reason = f"{first.path.name} is a VQA checkpoint (question encoder and answer decoder)"
+        absent[TEXT_ENCODER] = absent[TEXT_DECODER] = reason
+    elif retrieval is None:
         absent[TEXT_ENCODER] = f"{first.path.name} has no text_encoder.* weights (captioning checkpoint)"
-    if captioning is None:
+    if captioning is None and vqa is None:
         absent[TEXT_DECODER] = f"{first.path.name} has no text_decoder.* weights (retrieval checkpoint)"
     return BlipSource(
         path=first.path,
@@ -461,6 +476,7 @@ def _combine(loaded: list[_Loaded], image_size: int) -> BlipSource:
         tokenizer_dir=next((item.checkpoint.tokenizer_dir for item in loaded if item.checkpoint.tokenizer_dir), None),
         tokens=next(iter(tokens.values())),
         shared_vision=shared_vision,
+        vqa=vqa,
         files=[
             CheckpointFile(item.checkpoint.path, item.checkpoint.format, item.checkpoint.sha256, tuple(item.models))
             for item in loaded

@@ -1,4 +1,4 @@
-"""`convert caption` and `convert match`: the torch-free runtime on a `convert blip` output."""
+"""`convert caption`, `convert match` and `convert ask`: the torch-free runtime on a `convert blip` output."""
 
 from __future__ import annotations
 
@@ -90,3 +90,48 @@ def register_runtime_commands(cli: typer.Typer) -> None:
         for m in matches:
             table.add_row(Text(m.text), f"{m.itm_probability:.4f}", f"{m.itc_similarity:.4f}")
         stdout.print(table)
+
+    @cli.command("ask")
+    def ask(
+        output: OutDir,
+        image: Annotated[Path, typer.Argument(metavar="IMAGE", help="One image file.", show_default=False)],
+        question: Annotated[str, typer.Argument(metavar="QUESTION", help="A question about the image.",
+                                                show_default=False)],
+        answers: Annotated[Path | None, typer.Option(
+            help="Rank these candidate answers (a text file, one per line) as BLIP's VQA evaluation does, "
+                 "instead of generating one.", show_default=False)] = None,
+        beams: Annotated[int, typer.Option(help="Beam width of generate mode (BLIP_VQA's: 3).")] = 3,
+        max_tokens: Annotated[int, typer.Option(
+            help="Most answer tokens to write, [SEP] included (BLIP_VQA's max_length 10 less [DEC]).")] = 9,
+        k: Annotated[int | None, typer.Option(
+            help="Rank mode: candidates kept after the first token [default: 128, BLIP's k_test].",
+            show_default=False)] = None,
+        tokenizer: Tokenizer = None,
+        as_json: JsonFlag = False,
+    ) -> None:
+        """Answer a question about an image with an exported BLIP VQA model (onnxruntime, no torch)."""
+        from converter_core.console import stdout
+        from converter_core.errors import InputError
+        from plugins.blip.runtime import BlipRuntime, load_image
+
+        candidates = None
+        if answers is not None:
+            try:
+                candidates = [line.strip() for line in answers.read_text(encoding="utf-8").splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(f"{answers}: cannot read the answers ({type(exc).__name__}: {exc})") from None
+            if not candidates:
+                raise InputError(f"{answers}: holds no answers (one per line)")
+        runtime = BlipRuntime(output, tokenizer_dir=tokenizer)
+        (found,) = runtime.answer([load_image(image)], [question], beams=beams, max_tokens=max_tokens,
+                                  answers=candidates, k=k)
+        if as_json:
+            row = {"image": str(image), "question": question, "answer": found.text, "score": found.score}
+            if found.ranked is None:
+                row["token_ids"] = found.token_ids
+            else:
+                row["ranked"] = [{"answer": r.answer, "score": r.score, "log_likelihood": r.log_likelihood,
+                                  "first_token_probability": r.first_token_probability} for r in found.ranked]
+            stdout.print_json(json.dumps(row, allow_nan=False))
+            return
+        stdout.print(f"{image}: {question} -> {found.text}", highlight=False, markup=False)

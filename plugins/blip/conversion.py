@@ -60,7 +60,7 @@ def _check_tokenizer(source: BlipSource, assets: dict[str, bytes]) -> None:
 
     from plugins.blip.runtime.tokenizer import BlipTokenizer
 
-    config = (source.captioning or source.retrieval).config.text_config
+    config = source.model.config.text_config
     with tempfile.TemporaryDirectory(prefix="vlm-tokenizer-") as folder:
         for relative, content in assets.items():
             (Path(folder) / Path(relative).name).write_bytes(content)
@@ -92,14 +92,14 @@ def _prompt_ids(vocab: Path, dec_id: int) -> list[int] | None:
 
 def _metadata(conversion: BlipConversion, assets: dict[str, bytes]) -> dict[str, Any]:
     source = conversion.source
-    config = (source.captioning or source.retrieval).config
+    config = source.model.config
     vocab_size = config.text_config.vocab_size
     prompt_ids = None
     if vocab_size == BERT_VOCAB_SIZE:
         prompt_ids = [source.tokens["DEC"], *BERT_PROMPT_IDS]
     elif source.tokenizer_dir is not None and (source.tokenizer_dir / "vocab.txt").is_file():
         prompt_ids = _prompt_ids(source.tokenizer_dir / "vocab.txt", source.tokens["DEC"])
-    return {
+    metadata = {
         "preprocessing": graphs.preprocessing(source.image_size),
         "tokens": dict(source.tokens),
         "vocab_size": vocab_size,
@@ -129,6 +129,14 @@ def _metadata(conversion: BlipConversion, assets: dict[str, bytes]) -> dict[str,
         ],
         "dropped_training_state": len(source.dropped_keys),
     }
+    if source.vqa is not None:
+        # The runtime's `answer` reads these; lengths as BLIP_VQA counts them, [DEC] included.
+        metadata["generation"]["vqa"] = {
+            "question_max_tokens": graphs.QUESTION_MAX_TOKENS, "blip_generate": {**graphs.VQA_GENERATE,
+                                                                                 "unit": WHOLE_SEQUENCE},
+            "rank": {"k": graphs.VQA_RANK_K, "label_smoothing": graphs.VQA_LABEL_SMOOTHING},
+        }
+    return metadata
 
 
 def split(conversion: BlipConversion) -> SplitPlan:
@@ -199,7 +207,7 @@ def calibration_set(source: BlipSource, images_dir: Path | None, wanted: Sequenc
     modules = [VISION_ENCODER, RETRIEVAL_VISION_ENCODER]
     tokenize = lambda text: []  # noqa: E731 - unused unless a text module is calibrated
     if source.tokenizer_dir is not None:
-        config = (source.captioning or source.retrieval).config.text_config
+        config = source.model.config.text_config
         tokenizer = BlipTokenizer.from_directory(source.tokenizer_dir, source.tokens, config.max_position_embeddings)
         tokenize = lambda text: tokenizer.encode(text)[1:-1]  # noqa: E731 - without [CLS] and [SEP]
         modules += [TEXT_ENCODER, TEXT_DECODER, TEXT_DECODER_WITH_PAST]

@@ -11,7 +11,12 @@ RETRIEVAL_VISION_ENCODER = "retrieval_vision_encoder"  # only when retrieval's v
 TEXT_ENCODER = "text_encoder"
 TEXT_DECODER = "text_decoder"
 TEXT_DECODER_WITH_PAST = "text_decoder_with_past"
-GRAPHS = (VISION_ENCODER, RETRIEVAL_VISION_ENCODER, TEXT_ENCODER, TEXT_DECODER, TEXT_DECODER_WITH_PAST)
+# Visual question answering (BLIP_VQA): the question read against the image, then the answer decoder.
+QUESTION_ENCODER = "question_encoder"
+ANSWER_DECODER = "answer_decoder"
+ANSWER_DECODER_WITH_PAST = "answer_decoder_with_past"
+GRAPHS = (VISION_ENCODER, RETRIEVAL_VISION_ENCODER, TEXT_ENCODER, TEXT_DECODER, TEXT_DECODER_WITH_PAST,
+          QUESTION_ENCODER, ANSWER_DECODER, ANSWER_DECODER_WITH_PAST)
 
 # Original BLIP preprocessing (shared/BLIP.md): RGB, bicubic resize to S x S, no crop, 1/255, then
 # CLIP's statistics.
@@ -40,12 +45,25 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 LOGITS = "logits"
 ITM_PROBABILITY, TEXT_FEATURES, IMAGE_FEATURES = "itm_probability", "text_features", "image_features"
+QUESTION_STATES, QUESTION_MASK = "question_states", "question_mask"
 
 VISION_INPUTS = (PIXEL_VALUES,)
 VISION_OUTPUTS = (IMAGE_EMBEDS,)
 TEXT_ENCODER_INPUTS = (INPUT_IDS, ATTENTION_MASK, IMAGE_EMBEDS)
 TEXT_ENCODER_OUTPUTS = (ITM_PROBABILITY, TEXT_FEATURES, IMAGE_FEATURES)
 DECODER_FIRST_INPUTS = (INPUT_IDS, IMAGE_EMBEDS)
+QUESTION_ENCODER_INPUTS = (INPUT_IDS, ATTENTION_MASK, IMAGE_EMBEDS)
+QUESTION_ENCODER_OUTPUTS = (QUESTION_STATES,)
+ANSWER_FIRST_INPUTS = (INPUT_IDS, QUESTION_STATES, QUESTION_MASK)
+
+# BLIP_VQA (original `models/blip_vqa.py`): questions tokenized to at most 35 tokens, [ENC] first;
+# generate mode: 3 beams, max_length 10 and min_length 1 counting the [DEC] that starts the answer;
+# rank mode (the VQAv2 evaluation): the k_test best first tokens, then the whole answers scored by
+# the decoder's loss with BertLMHeadModel's label smoothing of 0.1.
+QUESTION_MAX_TOKENS = 35
+VQA_GENERATE = {"num_beams": 3, "max_length": 10, "min_length": 1}
+VQA_RANK_K = 128
+VQA_LABEL_SMOOTHING = 0.1
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -73,6 +91,10 @@ def decoder_past_inputs(num_layers: int) -> list[str]:
 
 def decoder_past_outputs(num_layers: int) -> list[str]:
     return [LOGITS, *present_names(num_layers)]
+
+
+def answer_past_inputs(num_layers: int) -> list[str]:
+    return [*decoder_past_inputs(num_layers), QUESTION_MASK]
 
 
 def vision_axes() -> dict[str, dict[int, str]]:
@@ -111,3 +133,24 @@ def decoder_past_axes(num_layers: int) -> dict[str, dict[int, str]]:
 def image_token_count(image_size: int, patch_size: int) -> int:
     """Tokens the vision encoder emits: [CLS] plus one per patch."""
     return 1 + (image_size // patch_size) ** 2
+
+
+def question_encoder_axes() -> dict[str, dict[int, str]]:
+    return {INPUT_IDS: {0: "batch", 1: "question"}, ATTENTION_MASK: {0: "batch", 1: "question"},
+            IMAGE_EMBEDS: {0: "batch", 1: "image_tokens"}, QUESTION_STATES: {0: "batch", 1: "question"}}
+
+
+def answer_first_axes(num_layers: int) -> dict[str, dict[int, str]]:
+    """As the captioning decoder's, with the question in place of the image tokens."""
+    axes = {INPUT_IDS: {0: "batch", 1: "text"}, QUESTION_STATES: {0: "batch", 1: "question"},
+            QUESTION_MASK: {0: "batch", 1: "question"}, LOGITS: {0: "batch", 1: "text"}}
+    axes.update({name: {0: "batch", 2: "text"} for name in present_names(num_layers)})
+    axes.update({name: {0: "batch", 2: "question"} for name in cross_names(num_layers)})
+    return axes
+
+
+def answer_past_axes(num_layers: int) -> dict[str, dict[int, str]]:
+    axes = decoder_past_axes(num_layers)
+    axes.update({name: {0: "batch", 2: "question"} for name in cross_names(num_layers)})
+    axes[QUESTION_MASK] = {0: "batch", 1: "question"}
+    return axes

@@ -80,7 +80,7 @@ def converter_register_commands(cli: typer.Typer) -> None:
         output: OutputDir,
         checkpoint: Annotated[list[Path] | None, typer.Option(
             "--checkpoint", "-c", help="BLIP checkpoint: Salesforce .pth/.safetensors or a Hugging Face "
-            "directory; give a captioning and a retrieval one together for all modules.")] = None,
+            "directory; give a captioning and a retrieval one together for all modules, or a VQA one alone.")] = None,
         random_weights: Annotated[bool, typer.Option(help="Random weights of --preset (tests, benchmarks).")] = False,
         preset: Annotated[str, typer.Option(help="tiny, base or large (with --random-weights).")] = "base",
         seed: Annotated[int, typer.Option(help="Seed of --random-weights.")] = 0,
@@ -99,7 +99,7 @@ def converter_register_commands(cli: typer.Typer) -> None:
         validate: Validate = True,
         require_validation: RequireValidation = False,
     ) -> None:
-        """Export BLIP to ONNX: vision encoder, text encoder (ITM/ITC), text decoder with KV cache."""
+        """Export BLIP to ONNX: vision encoder, text encoder (ITM/ITC), text decoder with KV cache (or VQA's graphs)."""
         from converter_core.console import finish, stage_progress
         from converter_core.export import require_export_extra
         from converter_core.pipeline import convert
@@ -114,7 +114,7 @@ def converter_register_commands(cli: typer.Typer) -> None:
         with stage_progress() as on_stage:
             on_stage("loading the checkpoint")
             source = load_source(checkpoint or [], random_weights, preset, image_size, seed, tokenizer)
-            positions = (source.captioning or source.retrieval).config.text_config.max_position_embeddings
+            positions = source.model.config.text_config.max_position_embeddings
             if max_text_len > positions:
                 raise InputError(f"--max-text-len {max_text_len} exceeds the model's {positions} text positions")
             conversion = BlipConversion(source, max_batch, max_text_len, calibration_images)

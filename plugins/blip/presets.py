@@ -15,6 +15,7 @@ from transformers import (
     BlipConfig,
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
+    BlipForQuestionAnswering,
     BlipTextConfig,
     PreTrainedModel,
 )
@@ -28,7 +29,8 @@ HEAD_DIM = 64  # ViT and BERT both use 64-wide heads; checkpoints do not record 
 VISION_LAYER_NORM_EPS = 1e-6  # the original ViT's; transformers defaults to 1e-5
 INIT_STD = 0.02
 CLS_TOKEN_ID = 101  # bert-base-uncased; BlipTextConfig has no field for it
-PARTS = ("captioning", "retrieval")
+PARTS = ("captioning", "retrieval")  # what random_source builds by default
+ALL_PARTS = (*PARTS, "vqa")
 
 M = TypeVar("M", bound=PreTrainedModel)
 
@@ -153,6 +155,26 @@ def empty_models(
     return captioning, retrieval
 
 
+def empty_vqa_model(config: BlipConfig) -> BlipForQuestionAnswering:
+    """An uninitialised BlipForQuestionAnswering whose answer decoder cross-attends at the text width.
+
+    The original BLIP_VQA builds its decoder from the plain BERT config, so the decoder's cross-
+    attention reads question states (text hidden size); transformers builds it from the one text
+    config, whose `encoder_hidden_size` is the vision width. Both agree for ViT-B; for a wider vision
+    tower the decoder is rebuilt here at the text width, as the original checkpoint's shapes have it.
+    """
+    model = empty_model(BlipForQuestionAnswering, config)
+    text = config.text_config
+    if text.encoder_hidden_size != text.hidden_size:
+        from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
+
+        decoder_config = BlipTextConfig.from_dict({**text.to_dict(), "encoder_hidden_size": text.hidden_size})
+        with no_init_weights():
+            model.text_decoder = BlipTextLMHeadModel(decoder_config)
+        model.tie_weights()
+    return model
+
+
 def random_source(
     preset: str,
     *,
@@ -167,11 +189,15 @@ def random_source(
     wrong epsilon shows in outputs. The vision tower, the text decoder and the retrieval text side
     each draw from their own stream, so the vision weights do not depend on `parts`.
     """
-    unknown = [part for part in parts if part not in PARTS]
+    unknown = [part for part in parts if part not in ALL_PARTS]
     if unknown or not parts:
-        raise InputError(f"unknown BLIP parts {unknown or list(parts)}; choose from: {', '.join(PARTS)}")
+        raise InputError(f"unknown BLIP parts {unknown or list(parts)}; choose from: {', '.join(ALL_PARTS)}")
     dims = preset_dims(preset, image_size=image_size)
     config = dims.config()
+    if "vqa" in parts:
+        if len(parts) > 1:
+            raise InputError("a random VQA source holds the VQA model alone")
+        return _random_vqa_source(preset, config, dims.image_size, seed)
     captioning, retrieval = empty_models(config, tuple(parts))
 
     _draw((captioning if captioning is not None else retrieval).vision_model, _stream(seed, 0))
@@ -198,6 +224,18 @@ def random_source(
         absent=absent,
         tokens=special_tokens(config.text_config),
     )
+
+
+def _random_vqa_source(preset: str, config: BlipConfig, image_size: int, seed: int) -> BlipSource:
+    """Streams as random_source's: 0 vision, 1 answer decoder, 2 question encoder."""
+    model = empty_vqa_model(config)
+    _draw(model.vision_model, _stream(seed, 0))
+    _draw(model.text_decoder, _stream(seed, 1))
+    _draw(model.text_encoder, _stream(seed, 2))
+    reason = f"the random {preset} source is a VQA model"
+    return BlipSource(path=None, format="random", sha256=None, image_size=image_size, captioning=None,
+                      retrieval=None, absent={TEXT_DECODER: reason, TEXT_ENCODER: reason},
+                      tokens=special_tokens(config.text_config), vqa=model.eval())
 
 
 _UNIFORM_BOUND = INIT_STD * 3**0.5  # U(-a, a) has std a / sqrt(3)

@@ -40,7 +40,7 @@ class BlipConversion:
 class GraphRecipe:
     name: str
     description: str
-    part: Literal["vision", "retrieval_vision", "retrieval", "captioning"]
+    part: Literal["vision", "retrieval_vision", "retrieval", "captioning", "vqa"]
     build: Callable[[BlipSource], nn.Module]
     make_inputs: Callable[..., Inputs]  # (config, image_size, seed, **sizes) -> inputs in argument order
     axes: Callable[[int], dict[str, dict[int, str]]]  # text layer count -> {tensor: {index: axis}}
@@ -59,11 +59,12 @@ class GraphRecipe:
             "retrieval_vision": source.retrieval is not None and not source.shared_vision,
             "retrieval": source.retrieval is not None,
             "captioning": source.captioning is not None,
+            "vqa": source.vqa is not None,
         }[self.part]
 
 
 def _config(source: BlipSource):
-    return (source.captioning or source.retrieval).config
+    return source.model.config
 
 
 def _head_dim(text_config) -> int:
@@ -128,6 +129,47 @@ def decoder_past_inputs(config, batch: int = 2, new: int = 1, past: int = 4, ima
     return inputs
 
 
+def question_encoder_inputs(config, batch: int = 2, question: int = 6, image_size: int | None = None,
+                            seed: int = 0) -> Inputs:
+    """As the text encoder's: random ids, the last row padded after half its length, random image embeddings."""
+    return text_encoder_inputs(config, batch=batch, text=question, image_size=image_size, seed=seed)
+
+
+def _question(config, batch: int, question: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random question states and a question mask whose last row is padded after half its length."""
+    states = torch.randn(batch, question, config.text_config.hidden_size, generator=generator)
+    mask = torch.ones(batch, question, dtype=torch.int64)
+    if batch > 1 and question > 1:
+        mask[-1, max(1, question // 2):] = 0
+    return states, mask
+
+
+def answer_first_inputs(config, batch: int = 2, text: int = 3, question: int = 5, image_size: int | None = None,
+                        seed: int = 0) -> Inputs:
+    """[DEC] then random answer tokens, random question states under a partly padded mask."""
+    text_config = config.text_config
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, text_config.vocab_size, (batch, text), generator=generator)
+    input_ids[:, 0] = text_config.bos_token_id
+    states, mask = _question(config, batch, question, generator)
+    return {graphs.INPUT_IDS: input_ids, graphs.QUESTION_STATES: states, graphs.QUESTION_MASK: mask}
+
+
+def answer_past_inputs(config, batch: int = 2, new: int = 1, past: int = 3, question: int = 5,
+                       image_size: int | None = None, seed: int = 0) -> Inputs:
+    """New token ids, random caches of length `past`, cross keys/values over `question` tokens, its mask."""
+    text_config = config.text_config
+    layers, heads, head_dim = text_config.num_hidden_layers, text_config.num_attention_heads, _head_dim(text_config)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {graphs.INPUT_IDS: torch.randint(1, text_config.vocab_size, (batch, new), generator=generator)}
+    for name in graphs.past_names(layers):
+        inputs[name] = torch.randn(batch, heads, past, head_dim, generator=generator)
+    for name in graphs.cross_names(layers):
+        inputs[name] = torch.randn(batch, heads, question, head_dim, generator=generator)
+    inputs[graphs.QUESTION_MASK] = _question(config, batch, question, generator)[1]
+    return inputs
+
+
 # --------------------------------------------------------------------------------------------
 # Output shapes, by axis name where dynamic
 # --------------------------------------------------------------------------------------------
@@ -157,6 +199,18 @@ def _decoder_past_outputs(config, image_size: int) -> dict[str, tuple[int | str,
     layers, heads, head_dim = text.num_hidden_layers, text.num_attention_heads, _head_dim(text)
     return {graphs.LOGITS: ("batch", "new", text.vocab_size),
             **{name: ("batch", heads, "past + new", head_dim) for name in graphs.present_names(layers)}}
+
+
+def _question_encoder_outputs(config, image_size: int) -> dict[str, tuple[int | str, ...]]:
+    return {graphs.QUESTION_STATES: ("batch", "question", config.text_config.hidden_size)}
+
+
+def _answer_first_outputs(config, image_size: int) -> dict[str, tuple[int | str, ...]]:
+    text = config.text_config
+    layers, heads, head_dim = text.num_hidden_layers, text.num_attention_heads, _head_dim(text)
+    return {graphs.LOGITS: ("batch", "text", text.vocab_size),
+            **{name: ("batch", heads, "text", head_dim) for name in graphs.present_names(layers)},
+            **{name: ("batch", heads, "question", head_dim) for name in graphs.cross_names(layers)}}
 
 
 # What a rewritten (quantised, fp16) graph must keep. The bar for the vision encoder is an
@@ -210,12 +264,51 @@ RECIPES = (
         cases=({"batch": 1, "new": 1, "past": 1}, {"batch": 3, "new": 1, "past": 7}, {"batch": 2, "new": 3, "past": 2}),
         longest=lambda longest: {"batch": 1, "new": 1, "past": longest - 1}, gates=DECODER_GATES,
     ),
+    GraphRecipe(
+        graphs.QUESTION_ENCODER,
+        "VQA question encoder ([ENC] first, cross-attending to the image) -> question states", "vqa",
+        build=lambda source: wrappers.QuestionEncoder(source.vqa, source.tokens["ENC"]),
+        make_inputs=question_encoder_inputs, axes=lambda layers: graphs.question_encoder_axes(),
+        outputs=_question_encoder_outputs, example={"batch": 2, "question": 6},
+        cases=({"batch": 1, "question": 1}, {"batch": 3, "question": 9}, {"batch": 2, "question": 16}),
+        longest=lambda longest: {"batch": 2, "question": _question_limit(longest)},
+        gates=(Gate(graphs.QUESTION_STATES, "cosine", 0.99),),
+    ),
+    GraphRecipe(
+        graphs.ANSWER_DECODER,
+        "VQA answer decoder, first step (or whole answers to rank), cross-attending to the question states "
+        "under a given mask", "vqa",
+        build=lambda source: wrappers.AnswerDecoderFirstStep(source.vqa),
+        make_inputs=answer_first_inputs, axes=graphs.answer_first_axes, outputs=_answer_first_outputs,
+        example={"batch": 2, "text": 3, "question": 5},
+        cases=({"batch": 1, "text": 1, "question": 1}, {"batch": 3, "text": 4, "question": 7},
+               {"batch": 2, "text": 1, "question": 12}),
+        longest=lambda longest: {"batch": 1, "text": longest, "question": _question_limit(longest)},
+        gates=DECODER_GATES,
+    ),
+    GraphRecipe(
+        graphs.ANSWER_DECODER_WITH_PAST,
+        "VQA answer decoder, later steps: new tokens after a cached prefix", "vqa",
+        build=lambda source: wrappers.AnswerDecoderWithPast(source.vqa),
+        make_inputs=answer_past_inputs, axes=graphs.answer_past_axes, outputs=_decoder_past_outputs,
+        example={"batch": 2, "new": 2, "past": 3, "question": 5},
+        cases=({"batch": 1, "new": 1, "past": 1, "question": 1}, {"batch": 3, "new": 1, "past": 6, "question": 7},
+               {"batch": 2, "new": 3, "past": 2, "question": 12}),
+        longest=lambda longest: {"batch": 1, "new": 1, "past": longest - 1, "question": _question_limit(longest)},
+        gates=DECODER_GATES,
+    ),
 )
 RECIPE = {recipe.name: recipe for recipe in RECIPES}
 
 
+def _question_limit(max_text_len: int) -> int:
+    """The longest question served: BLIP_VQA's 35 tokens, or fewer when the texts served are shorter
+    (the runtime's tokenizer cuts at both)."""
+    return min(graphs.QUESTION_MAX_TOKENS, max_text_len)
+
+
 def _config_model(source: BlipSource):
-    return source.captioning or source.retrieval
+    return source.model
 
 
 def _numpy(tensors: Inputs) -> dict[str, np.ndarray]:
@@ -238,6 +331,7 @@ def axis_ranges(conversion: BlipConversion) -> dict[str, tuple[int, int, int]]:
         "past": (1, conversion.max_text_len // 2, conversion.max_text_len),
         # Fixed by the image size; the graphs keep the axis symbolic, so a profile still needs it.
         "image_tokens": (tokens, tokens, tokens),
+        "question": (1, min(16, _question_limit(conversion.max_text_len)), _question_limit(conversion.max_text_len)),
     }
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class CheckpointFile:
     path: Path
     format: str  # "hf-dir", "salesforce-pth" or "safetensors"
     sha256: str  # of the file; for a Hugging Face directory, of its weights file
-    parts: tuple[str, ...]
+    parts: tuple[str, ...]  # "captioning", "retrieval", "vqa"
 
 
 @dataclass
@@ -26,7 +26,9 @@ class BlipSource:
 
     `captioning` holds the vision tower and the text decoder, `retrieval` the vision tower, the text
     encoder, the projections and the ITM head. When both are present they share one vision model
-    object. A part the checkpoint did not contain is None, and `absent` says why.
+    object. A part the checkpoint did not contain is None, and `absent` says why. `vqa` holds a
+    question-answering model (vision tower, question encoder, answer decoder); in this version it
+    comes alone, without a captioning or retrieval part.
 
     `path`, `format` and `sha256` describe the first file given; `files` lists every file.
     """
@@ -44,3 +46,9 @@ class BlipSource:
     # False when captioning and retrieval came with different vision weights: two vision encoders.
     shared_vision: bool = True
     files: list[CheckpointFile] = field(default_factory=list)
+    vqa: BlipForQuestionAnswering | None = None
+
+    @property
+    def model(self):
+        """Any one of the loaded models: they share one config (image size, tokens, text shape)."""
+        return self.captioning or self.retrieval or self.vqa

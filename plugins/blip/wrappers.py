@@ -185,6 +185,91 @@ class DecoderWithPast(nn.Module):
         return (logits, *presents)
 
 
+class QuestionEncoder(nn.Module):
+    """BLIP_VQA's question encoder: the question read while cross-attending to the whole image.
+
+    Inputs: `input_ids` [batch, question] as the tokenizer gives them (the first token is replaced
+    by [ENC] here, as BLIP_VQA does), `attention_mask` [batch, question] (int64, 0 on padding),
+    `image_embeds` [batch, N, vision hidden]. Output: `question_states` [batch, question, text
+    hidden], the last hidden state, padded positions included (generate mode attends to them).
+    """
+
+    def __init__(self, vqa_model: nn.Module, enc_token_id: int):
+        super().__init__()
+        self.text_encoder = vqa_model.text_encoder
+        self.enc_token_id = int(enc_token_id)
+        self.num_heads = self.text_encoder.config.num_attention_heads
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        bias = _padding_bias(attention_mask, image_embeds.dtype)
+        hidden = _embed(self.text_encoder.embeddings, _with_first_token(input_ids, self.enc_token_id), 0)
+        for layer in self.text_encoder.encoder.layer:
+            cross = _cross_key_value(layer, image_embeds, self.num_heads)
+            hidden, _, _ = _text_layer(layer, hidden, bias, self.num_heads, cross=cross)
+        return hidden
+
+
+class AnswerDecoderFirstStep(nn.Module):
+    """BLIP_VQA's answer decoder over its first tokens ([DEC], or whole answers in rank mode).
+
+    Inputs: `input_ids` [batch, text], `question_states` [batch, question, text hidden],
+    `question_mask` [batch, question] (int64: all ones in generate mode, as BLIP_VQA and
+    transformers pass it; the question's own mask in rank mode). Outputs as DecoderFirstStep's, the
+    cross-attention keys/values over the question: `graphs.decoder_first_outputs`.
+    """
+
+    def __init__(self, vqa_model: nn.Module):
+        super().__init__()
+        self.text_decoder = vqa_model.text_decoder
+        config = self.text_decoder.config
+        self.num_heads = config.num_attention_heads
+        self.num_layers = config.num_hidden_layers
+
+    def forward(self, input_ids: torch.Tensor, question_states: torch.Tensor,
+                question_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        bert = self.text_decoder.bert
+        hidden = _embed(bert.embeddings, input_ids, 0)
+        bias = _causal_bias(input_ids.shape[1], 0, hidden.dtype, hidden.device)
+        cross_bias = _padding_bias(question_mask, hidden.dtype)
+        presents, crosses = [], []
+        for layer in bert.encoder.layer:
+            cross = _cross_key_value(layer, question_states, self.num_heads)
+            hidden, key, value = _text_layer(layer, hidden, bias, self.num_heads, cross=cross, cross_bias=cross_bias)
+            presents += [key, value]
+            crosses += list(cross)
+        return (self.text_decoder.cls(hidden), *presents, *crosses)
+
+
+class AnswerDecoderWithPast(nn.Module):
+    """The answer decoder for tokens after a cached prefix: DecoderWithPast's inputs plus
+    `question_mask` last (`graphs.answer_past_inputs`), the same outputs."""
+
+    def __init__(self, vqa_model: nn.Module):
+        super().__init__()
+        self.text_decoder = vqa_model.text_decoder
+        config = self.text_decoder.config
+        self.num_heads = config.num_attention_heads
+        self.num_layers = config.num_hidden_layers
+        self.forward = _with_flat_signature(self, "_step", tuple(graphs.answer_past_inputs(self.num_layers)))
+
+    def _step(self, input_ids: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = self.num_layers
+        if len(rest) != 4 * n + 1:
+            raise TypeError(f"AnswerDecoderWithPast expects {4 * n} cache tensors and the question mask, got {len(rest)}")
+        past, cross, question_mask = rest[: 2 * n], rest[2 * n : 4 * n], rest[-1]
+        bert = self.text_decoder.bert
+        past_length = past[0].shape[2]
+        hidden = _embed(bert.embeddings, input_ids, past_length)
+        bias = _causal_bias(input_ids.shape[1], past_length, hidden.dtype, hidden.device)
+        cross_bias = _padding_bias(question_mask, hidden.dtype)
+        presents = []
+        for i, layer in enumerate(bert.encoder.layer):
+            hidden, key, value = _text_layer(layer, hidden, bias, self.num_heads, past=(past[2 * i], past[2 * i + 1]),
+                                             cross=(cross[2 * i], cross[2 * i + 1]), cross_bias=cross_bias)
+            presents += [key, value]
+        return (self.text_decoder.cls(hidden), *presents)
+
+
 def _with_flat_signature(module: nn.Module, step_name: str, input_names: tuple[str, ...]):
     """A bound `forward` that calls `module.<step_name>(*args)` under one named parameter per input.
 
@@ -266,11 +351,13 @@ def _text_layer(
     num_heads: int,
     past: tuple[torch.Tensor, torch.Tensor] | None = None,
     cross: tuple[torch.Tensor, torch.Tensor] | None = None,
+    cross_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One BlipTextLayer: self-attention (+ past), optional cross-attention, feed-forward.
 
     Returns the layer output and the self-attention key/value over past + new tokens. The image
-    cross-attention has no mask: BLIP always attends to every image token.
+    cross-attention has no mask (BLIP always attends to every image token); the VQA answer decoder's
+    cross-attention over the question states takes `cross_bias`, the question mask's padding bias.
     """
     attention = layer.attention.self
     query = _split_heads(attention.query(hidden), num_heads)
@@ -282,6 +369,6 @@ def _text_layer(
     attended = layer.attention.output(_attend(query, key, value, self_bias), hidden)
     if cross is not None:
         cross_query = _split_heads(layer.crossattention.self.query(attended), num_heads)
-        attended = layer.crossattention.output(_attend(cross_query, cross[0], cross[1], None), attended)
+        attended = layer.crossattention.output(_attend(cross_query, cross[0], cross[1], cross_bias), attended)
     output = layer.output(layer.intermediate(attended), attended)
     return output, key, value

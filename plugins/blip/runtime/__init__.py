@@ -7,10 +7,12 @@ transformers (a test runs it where they cannot be imported).
     runtime = BlipRuntime("blip-onnx")
     runtime.caption(["cat.jpg"], beams=3)[0].text
     runtime.match("cat.jpg", ["a cat", "a dog"])
+    runtime.answer(["cat.jpg"], ["what animal is it?"])[0].text   # a `convert blip` of a BLIP VQA model
 """
 
 from plugins.blip.runtime.decoding import DecodingOptions
 from plugins.blip.runtime.preprocess import load_image
-from plugins.blip.runtime.runtime import BlipRuntime, Caption, Match
+from plugins.blip.runtime.runtime import Answer, BlipRuntime, Caption, Match
+from plugins.blip.runtime.vqa import RankedAnswer
 
-__all__ = ["BlipRuntime", "Caption", "DecodingOptions", "Match", "load_image"]
+__all__ = ["Answer", "BlipRuntime", "Caption", "DecodingOptions", "Match", "RankedAnswer", "load_image"]

@@ -87,6 +87,9 @@ BLIP_GENERATE: dict[str, Check] = {
     "repetition_penalty": _number(positive=True),
 }
 
+VQA: dict[str, Check] = {"question_max_tokens": _integer(2)}
+VQA_RANK: dict[str, Check] = {"k": _integer(1), "label_smoothing": _number()}
+
 
 def _fail(path: Path, field: str, wanted: str, value: Any) -> InputError:
     shown = json.dumps(value)[:60] if not isinstance(value, (dict, list)) else type(value).__name__
@@ -187,6 +190,12 @@ def read_blip_manifest(out_dir: Path) -> dict[str, Any]:
     generation = _table(manifest, "generation", path)
     _check_fields(generation, GENERATION, "generation", path)
     _check_fields(_table(generation, "blip_generate", path), BLIP_GENERATE, "generation.blip_generate", path)
+    if "vqa" in generation:  # only a conversion of a VQA checkpoint has it
+        vqa = _table(generation, "vqa", path)
+        _check_fields(vqa, VQA, "generation.vqa", path)
+        _check_fields(_table(vqa, "rank", path), VQA_RANK, "generation.vqa.rank", path)
+        if not 0 <= vqa["rank"]["label_smoothing"] < 1:
+            raise _fail(path, "generation.vqa.rank.label_smoothing", "a number in [0, 1)", vqa["rank"]["label_smoothing"])
     _check_tokens(_table(manifest, "tokens", path), path)
     not_exported = manifest.get("not_exported", {})
     if not isinstance(not_exported, dict) or any(not isinstance(v, str) for v in not_exported.values()):

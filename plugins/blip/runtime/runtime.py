@@ -20,6 +20,9 @@ from converter_core.errors import InputError
 from converter_core.output import sha256_file
 from plugins.blip import graphs
 from plugins.blip.graphs import (
+    ANSWER_DECODER,
+    ANSWER_DECODER_WITH_PAST,
+    QUESTION_ENCODER,
     RETRIEVAL_VISION_ENCODER,
     TEXT_DECODER,
     TEXT_DECODER_WITH_PAST,
@@ -30,6 +33,7 @@ from plugins.blip.runtime.decoding import BeamScoring, CachedDecoder, DecodingOp
 from plugins.blip.runtime.manifest import inside, read_blip_manifest
 from plugins.blip.runtime.preprocess import Preprocessor, load_image
 from plugins.blip.runtime.tokenizer import BlipTokenizer
+from plugins.blip.runtime.vqa import AnswerDecoder, RankedAnswer, rank
 
 ImageInput = Image.Image | str | Path
 
@@ -53,6 +57,20 @@ class Match:
     text: str
     itm_probability: float
     itc_similarity: float
+
+
+@dataclass
+class Answer:
+    """An answer to one question about one image. Generate mode: `token_ids` as `Caption`'s (after
+    `[DEC]`, ending with `[SEP]` when it finished), `score` their mean log-probability or beam score.
+    Rank mode: `text` is the best candidate, `score` its BLIP score, `ranked` the top-k candidates
+    best first, and `token_ids` is empty."""
+
+    question: str
+    text: str | None
+    token_ids: list[int]
+    score: float
+    ranked: list[RankedAnswer] | None = None
 
 
 class BlipRuntime:
@@ -210,6 +228,72 @@ class BlipRuntime:
         require_finite(itm, TEXT_ENCODER, graphs.ITM_PROBABILITY)
         require_finite(itc, TEXT_ENCODER, "ITC similarity")
         return [Match(text, float(p), float(s)) for text, p, s in zip(texts, itm, itc)]
+
+    def answer(
+        self,
+        images: Sequence[ImageInput],
+        questions: Sequence[str],
+        *,
+        beams: int = 3,
+        max_tokens: int = 9,
+        min_tokens: int = 0,
+        beam_scoring: BeamScoring = "transformers",
+        answers: Sequence[str] | None = None,
+        k: int | None = None,
+    ) -> list[Answer]:
+        """Answer one question per image (or every question about one image), all in one batch.
+
+        Generate mode (no `answers`): BLIP_VQA's defaults, 3 beams and max_length 10 counting the
+        `[DEC]` that starts the answer, so 9 tokens written here (`max_tokens`, `min_tokens` count
+        written tokens as in `caption`). Rank mode (`answers`): BLIP's VQA evaluation, the `k`
+        (default: the manifest's, 128) candidates with the likeliest first token, ranked by the
+        decoder over the whole answer (see `plugins.blip.runtime.vqa`).
+        """
+        vqa = self.generation.get("vqa")  # checked by read_blip_manifest when present
+        if not self.has(QUESTION_ENCODER) or vqa is None:
+            raise InputError(f"{self.out_dir}: has no question_encoder: it was not converted from a BLIP VQA "
+                             "checkpoint (BlipForQuestionAnswering or model_base_vqa_*.pth)")
+        images, questions = list(images), [str(q) for q in questions]
+        if len(images) == 1 and len(questions) > 1:
+            images = images * len(questions)
+        if len(images) != len(questions):
+            raise InputError(f"give one question per image (or one image), got {len(images)} images and "
+                             f"{len(questions)} questions")
+        if any(not q.strip() for q in questions):
+            raise InputError("a question is empty")
+        options = DecodingOptions(beams=beams, max_tokens=max_tokens, min_tokens=min_tokens, beam_scoring=beam_scoring)
+        options.check()
+        if 1 + max_tokens > self.max_text_len:
+            raise InputError(f"max_tokens {max_tokens} exceeds the {self.max_text_len} positions this output was "
+                             "validated for")
+        candidates = None if answers is None else [str(a) for a in answers]
+        if candidates is not None and (not candidates or any(not a.strip() for a in candidates)):
+            raise InputError("rank mode needs a list of non-empty candidate answers")
+        top_k = int(vqa["rank"]["k"]) if k is None else k
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise InputError(f"k must be an integer >= 1, got {top_k!r}")
+        if not images:
+            return []
+        input_ids, question_mask = self.tokenizer.batch(questions, int(vqa["question_max_tokens"]))
+        states = self.session(QUESTION_ENCODER).run(None, {
+            graphs.INPUT_IDS: input_ids, graphs.ATTENTION_MASK: question_mask,
+            graphs.IMAGE_EMBEDS: self.image_embeds(images)})[0]
+        states = require_finite(states, QUESTION_ENCODER, graphs.QUESTION_STATES)
+        layers = int(self.generation["num_layers"])
+        first, with_past = self.session(ANSWER_DECODER), self.session(ANSWER_DECODER_WITH_PAST)
+        if candidates is not None:
+            answer_ids, answer_mask = self.tokenizer.batch(candidates)
+            answer_ids[:, 0] = self.tokens["DEC"]
+            decoder = AnswerDecoder(first, with_past, layers, question_mask)
+            ranked = rank(decoder, states, question_mask, candidates, answer_ids, answer_mask, top_k,
+                          float(vqa["rank"]["label_smoothing"]))
+            return [Answer(q, r[0].answer, [], r[0].score, r) for q, r in zip(questions, ranked)]
+        # Generate mode attends to every question position, padding included (BLIP_VQA, transformers).
+        decoder = AnswerDecoder(first, with_past, layers, np.ones_like(question_mask))
+        decoded = decode(decoder, states, [self.tokens["DEC"]], options,
+                         eos_id=int(self.generation["eos_token_id"]), pad_id=self.tokens["PAD"])
+        dec = [self.tokens["DEC"]]
+        return [Answer(q, self._text(dec, d.token_ids), d.token_ids, d.score) for q, d in zip(questions, decoded)]
 
     def blip_generate_defaults(self, prompt_ids: Sequence[int] | None = None) -> dict[str, Any]:
         """`caption` keywords that reproduce the original BLIP `generate()`: 3 beams, max_length 30

@@ -45,11 +45,13 @@ class BlipTokenizer:
         tokenizer.no_truncation()
         return cls(tokenizer, tokens, max_length, directory)
 
-    def encode(self, text: str) -> list[int]:
-        """`[CLS] text [SEP]`, cut to the model's longest text (keeping the final `[SEP]`)."""
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        """`[CLS] text [SEP]`, cut to the model's longest text or `max_length` if shorter (keeping
+        the final `[SEP]`, as BertTokenizer's truncation does)."""
         ids = self._tokenizer.encode(text).ids
-        if len(ids) > self.max_length:
-            ids = [*ids[: self.max_length - 1], ids[-1]]
+        limit = min(self.max_length, max_length) if max_length else self.max_length
+        if len(ids) > limit:
+            ids = [*ids[: limit - 1], ids[-1]]
         return ids
 
     def prompt_ids(self, prompt: str) -> list[int]:
@@ -59,9 +61,9 @@ class BlipTokenizer:
             ids = ids[:-1]
         return [self.tokens["DEC"], *ids[1:]]
 
-    def batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, texts: Sequence[str], max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`input_ids` and `attention_mask`, int64 [len(texts), longest], padded with `[PAD]` on the right."""
-        encoded = [self.encode(text) for text in texts]
+        encoded = [self.encode(text, max_length) for text in texts]
         width = max(len(ids) for ids in encoded)
         input_ids = np.full((len(encoded), width), self.tokens["PAD"], dtype=np.int64)
         attention_mask = np.zeros((len(encoded), width), dtype=np.int64)
