@@ -71,9 +71,11 @@ def converter_backend_tasks(backend: str, model_type: str) -> object | None:
 
 @hookimpl
 def converter_register_commands(cli: typer.Typer) -> None:
+    from plugins.blip.bulk.command import register_bulk_command
     from plugins.blip.commands import register_runtime_commands  # caption, match: the torch-free runtime
 
     register_runtime_commands(cli)
+    register_bulk_command(cli)
 
     @cli.command("blip")
     def convert_blip(

@@ -8,6 +8,7 @@ to float32, normalise in float32. The original BLIP's torchvision transforms res
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,24 @@ def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such image file")
+    return _decode(path, str(path))
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """`load_image` for image bytes held elsewhere (a Parquet column, a tar member); `name` says
+    where they came from in errors."""
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()  # decode now: a truncated file fails here, not in the middle of a batch
             return image.copy()
     except Image.DecompressionBombError as exc:  # Pillow's guard, before any pixel is decoded
-        raise InputError(f"{path}: refused: {exc}") from exc
+        raise InputError(f"{name}: refused: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(f"{path}: not an image Pillow can read ({exc})") from exc
+        raise InputError(f"{name}: not an image Pillow can read ({exc})") from exc
 
 
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")

@@ -188,6 +188,24 @@ class BlipRuntime:
         """
         if not images:
             return []
+        return self.caption_embeds(self.image_embeds(images), beams=beams, max_tokens=max_tokens, min_tokens=min_tokens,
+                                   repetition_penalty=repetition_penalty, prompt=prompt, prompt_ids=prompt_ids,
+                                   beam_scoring=beam_scoring)
+
+    def caption_embeds(
+        self,
+        image_embeds: np.ndarray,
+        *,
+        beams: int = 1,
+        max_tokens: int = 20,
+        min_tokens: int = 0,
+        repetition_penalty: float = 1.0,
+        prompt: str | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        beam_scoring: BeamScoring = "transformers",
+    ) -> list[Caption]:
+        """`caption` from the vision encoder's output (`image_embeds`), for a caller that also
+        wants the image's ITC embedding from the same vision pass (`convert bulk`)."""
         for module in (TEXT_DECODER, TEXT_DECODER_WITH_PAST):
             if not self.has(module):
                 reason = self.manifest.get("not_exported", {}).get(module, "")
@@ -204,20 +222,16 @@ class BlipRuntime:
                              "positions this output was validated for (convert with a larger --max-text-len)")
         decoder = CachedDecoder(self.session(TEXT_DECODER), self.session(TEXT_DECODER_WITH_PAST),
                                 int(self.generation["num_layers"]))
-        decoded = decode(decoder, self.image_embeds(images), ids, options,
+        decoded = decode(decoder, image_embeds, ids, options,
                          eos_id=int(self.generation["eos_token_id"]), pad_id=self.tokens["PAD"])
         return [Caption(self._text(ids, d.token_ids), d.token_ids, d.score) for d in decoded]
 
     def match(self, image: ImageInput, texts: Sequence[str]) -> list[Match]:
         """ITM probability and ITC similarity of each text with one image, all texts in one batch."""
-        if not self.has(TEXT_ENCODER):
-            reason = self.manifest.get("not_exported", {}).get(TEXT_ENCODER, "")
-            raise InputError(f"{self.out_dir}: has no text_encoder: the checkpoint had no text encoder "
-                             "(ITM/ITC need a retrieval or pretrain checkpoint)" + (f" ({reason})" if reason else ""))
+        self._require_text_encoder()
         if not texts:
             return []
-        vision = RETRIEVAL_VISION_ENCODER if self.has(RETRIEVAL_VISION_ENCODER) else VISION_ENCODER
-        image_embeds = self.image_embeds([image], vision)
+        image_embeds = self.image_embeds([image], self.retrieval_vision)
         input_ids, attention_mask = self.tokenizer.batch(texts)
         itm, text_features, image_features = self.session(TEXT_ENCODER).run(
             list(graphs.TEXT_ENCODER_OUTPUTS),
@@ -294,6 +308,37 @@ class BlipRuntime:
                          eos_id=int(self.generation["eos_token_id"]), pad_id=self.tokens["PAD"])
         dec = [self.tokens["DEC"]]
         return [Answer(q, self._text(dec, d.token_ids), d.token_ids, d.score) for q, d in zip(questions, decoded)]
+
+    @property
+    def retrieval_vision(self) -> str:
+        """The vision graph ITM and ITC read: retrieval's own when its weights differ from captioning's."""
+        return RETRIEVAL_VISION_ENCODER if self.has(RETRIEVAL_VISION_ENCODER) else VISION_ENCODER
+
+    def embedding(self, images: Sequence[ImageInput], image_embeds: np.ndarray | None = None) -> np.ndarray:
+        """The ITC image embedding of each image, float32 [images, proj], unit length: BLIP's
+        `normalize(vision_proj(image_embeds[:, 0]))`, the vector a retrieval index stores.
+        `image_embeds`: the output of `retrieval_vision` for these images, when the caller has it."""
+        self._require_text_encoder()
+        if not images:
+            return np.zeros((0, 0), np.float32)
+        if image_embeds is None:
+            image_embeds = self.image_embeds(images, self.retrieval_vision)
+        # The projection lives in the text encoder graph, whose image output does not depend on
+        # the text: the shortest text ([CLS] [SEP]) costs least.
+        count = image_embeds.shape[0]
+        input_ids = np.tile(np.array([[self.tokens["CLS"], self.tokens["SEP"]]], np.int64), (count, 1))
+        (features,) = self.session(TEXT_ENCODER).run(
+            [graphs.IMAGE_FEATURES],
+            {graphs.INPUT_IDS: input_ids, graphs.ATTENTION_MASK: np.ones_like(input_ids),
+             graphs.IMAGE_EMBEDS: image_embeds},
+        )
+        return require_finite(features.astype(np.float32, copy=False), TEXT_ENCODER, graphs.IMAGE_FEATURES)
+
+    def _require_text_encoder(self) -> None:
+        if not self.has(TEXT_ENCODER):
+            reason = self.manifest.get("not_exported", {}).get(TEXT_ENCODER, "")
+            raise InputError(f"{self.out_dir}: has no text_encoder: the checkpoint had no text encoder "
+                             "(ITM/ITC need a retrieval or pretrain checkpoint)" + (f" ({reason})" if reason else ""))
 
     def blip_generate_defaults(self, prompt_ids: Sequence[int] | None = None) -> dict[str, Any]:
         """`caption` keywords that reproduce the original BLIP `generate()`: 3 beams, max_length 30
