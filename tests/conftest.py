@@ -40,11 +40,11 @@ def plugin_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[...
     return install
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `convert` as a user would, in a fresh process."""
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `convert` as a user would, in a fresh process (`env`: variables added to this one's)."""
     return subprocess.run(
         [sys.executable, "-m", "converter_core", *args],
-        capture_output=True, text=True, cwd=cwd, timeout=600, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True, text=True, cwd=cwd, timeout=600, env={**os.environ, "COLUMNS": "200", **(env or {})},
     )
 
 

@@ -75,11 +75,11 @@ def run_ray(
     """Process `shards` on the Ray cluster at `address`; None, or why some were not written."""
     ray = require_ray()
     needed = workers * options.threads
-    settings: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
+    # "local" always starts a cluster, where no address would join one that `ray start` left running.
+    settings: dict[str, Any] = {"address": address, "include_dashboard": False, "logging_level": logging.ERROR,
+                                "log_to_driver": False}
     if address == LOCAL:
         settings.update(num_cpus=needed, object_store_memory=OBJECT_STORE_BYTES)
-    else:
-        settings["address"] = address
     try:
         ray.init(**settings)
     except (ConnectionError, ValueError, RuntimeError) as exc:
