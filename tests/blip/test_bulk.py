@@ -253,10 +253,11 @@ def run_until_half_then_kill(args: list[str], result: Path, env: dict[str, str] 
     assert left < SCENES // SHARD, "the run finished before it was killed"
 
 
-def assert_resumed(result: Path, done: subprocess.CompletedProcess[str], uninterrupted: Path) -> None:
+def assert_resumed(result: Path, done: subprocess.CompletedProcess[str], uninterrupted: Path,
+                   earlier: int = SCENES // SHARD // 2) -> None:
     assert done.returncode == 0, done.stderr
     summary = json.loads((result / "_summary.json").read_text())
-    assert summary["shards"]["earlier"] >= SCENES // SHARD // 2 and summary["shards"]["missing"] == 0
+    assert summary["shards"]["earlier"] >= earlier and summary["shards"]["missing"] == 0 and summary["complete"]
     rows, reference = read_rows(result), read_rows(uninterrupted)
     assert [row["id"] for row in rows] == [row["id"] for row in reference]
     for row, want in zip(rows, reference):
@@ -271,6 +272,35 @@ def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(model, scenes,
     run_until_half_then_kill(args, result)
 
     assert_resumed(result, bulk(*args), uninterrupted[0])
+
+
+def worker_processes(pid: int) -> list[int]:
+    """The pool's worker processes among `pid`'s children (multiprocessing's spawned `spawn_main`)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def test_a_worker_that_dies_is_exit_1_and_a_rerun_finishes_the_job(model, scenes, uninterrupted, tmp_path):
+    result = tmp_path / "result"
+    args = [model, scenes, "-o", result, "--shard-size", SHARD, "--workers", 2, "--threads", 1]
+    process = subprocess.Popen([sys.executable, "-m", "converter_core", "bulk", *map(str, args)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(result.glob("part-*.parquet")):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before a worker was killed"
+        time.sleep(0.05)
+    workers = worker_processes(process.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    out, err = process.communicate(timeout=300)
+
+    assert process.returncode == 1, err
+    assert "a worker process died" in err and "run the same command again" in err
+    summary = json.loads((result / "_summary.json").read_text())
+    assert not summary["complete"] and summary["shards"]["missing"] > 0
+    assert_resumed(result, bulk(*args), uninterrupted[0], earlier=1)
 
 
 def test_other_options_against_a_result_are_exit_2_unless_overwrite(model, scenes, subset, tmp_path):
@@ -378,7 +408,7 @@ def ray_cluster():
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
