@@ -74,8 +74,9 @@ def list_inputs(inputs: Sequence[Path], column: str | None = None, id_column: st
         raise InputError(f"give one INPUT (a directory, a text file or a Parquet file), or any number of .tar shards; "
                          f"got {len(paths)}: {', '.join(map(str, paths[:3]))}")
     path = paths[0]
-    if column is not None and path.suffix != ".parquet":
-        raise InputError(f"--column names a column of a Parquet INPUT; {path} is not a .parquet file")
+    for option, value in (("--column", column), ("--id-column", id_column)):
+        if value is not None and path.suffix != ".parquet":
+            raise InputError(f"{option} names a column of a Parquet INPUT; {path} is not a .parquet file")
     if path.is_dir():
         return _check_unique(Listing("directory", _directory_items(path)))
     if path.suffix == ".parquet":

@@ -61,16 +61,32 @@ def run_local(
     reporter = threading.Thread(target=report, daemon=True)
     reporter.start()
     died = None
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(shards)), mp_context=context, initializer=_start,
+                               initargs=(options, progress))
     try:
-        with ProcessPoolExecutor(max_workers=min(workers, len(shards)), mp_context=context,
-                                 initializer=_start, initargs=(options, progress)) as pool:
-            futures = [pool.submit(_shard, index, list(items), str(result.path)) for index, items in shards]
-            for future in as_completed(futures):
-                try:
-                    on_shard(future.result())
-                except BrokenProcessPool as exc:
-                    died = f"a worker process died ({exc}); the shards it and the others were on are not written"
+        futures = [pool.submit(_shard, index, list(items), str(result.path)) for index, items in shards]
+        for future in as_completed(futures):
+            try:
+                on_shard(future.result())
+            except BrokenProcessPool as exc:
+                died = f"a worker process died ({exc}); the shards it and the others were on are not written"
+        pool.shutdown()
+    except BaseException:
+        # Ctrl-C, SIGTERM, a full disk: stop now. A plain shutdown would run every queued shard first.
+        _stop_workers(pool)
+        raise
     finally:
         stop.set()
         reporter.join()
     return died
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14
+    if terminate is not None:
+        terminate()
+        return
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
