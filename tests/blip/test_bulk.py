@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from converter_core.pipeline import ConvertOptions, convert
 from plugins.blip.bulk.run import usable_cpus
@@ -154,6 +155,31 @@ def test_the_embedding_is_the_unit_itc_vector_match_scores_with(uninterrupted, m
             graphs.IMAGE_EMBEDS: np.repeat(image_embeds, 2, axis=0)})
         similarities = [m.itc_similarity for m in runtime.match(scenes / row["id"], texts)]
         assert text_features @ embedding == pytest.approx(similarities, abs=1e-5)
+
+
+def test_the_embedding_is_blips_itc_image_vector_in_pytorch(model, scenes):
+    """`normalize(vision_proj(image_embeds[:, 0]))` on the PyTorch retrieval model the graphs came from."""
+    import torch
+    from transformers import BlipImageProcessorPil
+
+    from plugins.blip import fixture
+    from plugins.blip.checkpoint import load_blip_source
+
+    retrieval = load_blip_source([fixture.checkpoint_path()]).retrieval
+    settings = json.loads((model / "manifest.json").read_text())["preprocessing"]
+    size = settings["image_size"]
+    processor = BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=settings["mean"],
+                                      image_std=settings["std"])
+    names = scene_ids(scenes)[:8]
+    with torch.no_grad():
+        pixel_values = processor([Image.open(scenes / name) for name in names], return_tensors="pt").pixel_values
+        embeds = retrieval.vision_model(pixel_values=pixel_values).last_hidden_state
+        want = torch.nn.functional.normalize(retrieval.vision_proj(embeds[:, 0]), dim=-1).numpy()
+
+    got = BlipRuntime(model, threads=2).embedding([scenes / name for name in names])
+
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-4
 
 
 def stem(row_id: str) -> str:

@@ -188,6 +188,7 @@ class BlipRuntime:
         """
         if not images:
             return []
+        self._require_decoder()
         return self.caption_embeds(self.image_embeds(images), beams=beams, max_tokens=max_tokens, min_tokens=min_tokens,
                                    repetition_penalty=repetition_penalty, prompt=prompt, prompt_ids=prompt_ids,
                                    beam_scoring=beam_scoring)
@@ -206,11 +207,7 @@ class BlipRuntime:
     ) -> list[Caption]:
         """`caption` from the vision encoder's output (`image_embeds`), for a caller that also
         wants the image's ITC embedding from the same vision pass (`convert bulk`)."""
-        for module in (TEXT_DECODER, TEXT_DECODER_WITH_PAST):
-            if not self.has(module):
-                reason = self.manifest.get("not_exported", {}).get(module, "")
-                raise InputError(f"{self.out_dir}: has no {module}: the checkpoint had no captioning decoder"
-                                 + (f" ({reason})" if reason else ""))
+        self._require_decoder()
         options = DecodingOptions(beams=beams, max_tokens=max_tokens, min_tokens=min_tokens,
                                   repetition_penalty=repetition_penalty, beam_scoring=beam_scoring)
         options.check()
@@ -333,6 +330,13 @@ class BlipRuntime:
              graphs.IMAGE_EMBEDS: image_embeds},
         )
         return require_finite(features.astype(np.float32, copy=False), TEXT_ENCODER, graphs.IMAGE_FEATURES)
+
+    def _require_decoder(self) -> None:
+        for module in (TEXT_DECODER, TEXT_DECODER_WITH_PAST):
+            if not self.has(module):
+                reason = self.manifest.get("not_exported", {}).get(module, "")
+                raise InputError(f"{self.out_dir}: has no {module}: the checkpoint had no captioning decoder"
+                                 + (f" ({reason})" if reason else ""))
 
     def _require_text_encoder(self) -> None:
         if not self.has(TEXT_ENCODER):
