@@ -108,6 +108,11 @@ def _baseline(preset: str, paths: list[Path], batch: int, threads: int, work: Pa
     return {"images_per_second": len(paths) / seconds, "seconds": seconds, "mean_words": float(np.mean(tokens))}
 
 
+def _save(out: Path, results: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="base")
@@ -138,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} ...", flush=True)
             results["runs"][name] = _bulk(model, work / "images", work / f"result-{len(results['runs'])}", args.batch,
                                           "--tokenizer", str(vocab), *extra)
+            _save(args.out, results)  # each run as it ends: a run interrupted later keeps the ones before
         print("transformers pipeline ...", flush=True)
         results["runs"]["transformers pipeline('image-to-text') + vision_proj"] = _baseline(
             args.preset, images, args.batch, threads, work)
@@ -146,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{summary_line(machine)}", "", "| run | images/s | vs pipeline |", "|---|---|---|"]
     for name, run in results["runs"].items():
         lines.append(f"| {name} | {run['images_per_second']:.2f} | {run['images_per_second'] / baseline:.2f}x |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _save(args.out, results)
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
