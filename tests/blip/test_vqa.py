@@ -21,6 +21,7 @@ from transformers.models.blip.modeling_blip_text import BlipTextConfig, BlipText
 from converter_core.cli import run
 from converter_core.errors import InputError
 from converter_core.pipeline import ConvertOptions, convert
+from plugins.backends.web import WebBackend, WebOptions
 from plugins.blip import wrappers
 from plugins.blip.checkpoint import CheckpointError, load_blip_source
 from plugins.blip.presets import random_source
@@ -120,10 +121,13 @@ def build(shape: str, folder: Path, validate: bool, backends: tuple[str, ...] = 
     return Converted(model, hf_dir, out, BertTokenizer.from_pretrained(str(vocab)), processor, tokens)
 
 
+WEB_MISSING = ", ".join(WebBackend()._missing(WebOptions())) or None
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Converted:
     # Validated: every graph against PyTorch at the recipe's shape cases, and on the backends.
-    return build("tiny", tmp_path_factory.mktemp("vqa"), validate=True, backends=("cpu", "mobile"))
+    return build("tiny", tmp_path_factory.mktemp("vqa"), validate=True, backends=("cpu", "mobile", "web"))
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +153,12 @@ def test_a_vqa_directory_converts_to_validated_vqa_graphs(tiny):
     assert manifest["generation"]["vqa"]["blip_generate"]["max_length"] == 10
     mask = next(i for i in manifest["modules"]["answer_decoder_with_past"]["inputs"] if i["name"] == "question_mask")
     assert mask["shape"] == ["batch", "question"]
-    assert {name: backend["status"] for name, backend in manifest["backends"].items()} == {"cpu": "passed",
-                                                                                            "mobile": "passed"}
+    statuses = {name: backend["status"] for name, backend in manifest["backends"].items()}
+    # No page answers questions yet: the web site holds the VQA graphs, so it cannot be called checked.
+    assert statuses == {"cpu": "passed", "mobile": "passed", "web": "skipped"}
+    if WEB_MISSING is None:
+        assert "not run in the browser: question_encoder, answer_decoder, answer_decoder_with_past" in \
+            manifest["backends"]["web"]["reason"]
     assert (tiny.out / "mobile" / "answer_decoder_with_past.ort").is_file()
 
 
