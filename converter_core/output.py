@@ -147,7 +147,8 @@ def _owner_alive(record: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def _locked(out_dir: Path) -> Iterator[None]:
+def locked(out_dir: Path) -> Iterator[None]:
+    """Hold `.OUT.lock` beside `out_dir` while the block runs; InputError while a live process holds it."""
     lock = _lock(out_dir)
     me = {"pid": os.getpid(), "start": _process_start(os.getpid())}
     for _ in range(2):
@@ -159,7 +160,7 @@ def _locked(out_dir: Path) -> Iterator[None]:
             except (OSError, ValueError):
                 owner = {}
             if _owner_alive(owner):
-                raise InputError(f"another conversion (pid {owner['pid']}) is writing {out_dir}; wait for it, "
+                raise InputError(f"another run (pid {owner['pid']}) is writing {out_dir}; wait for it, "
                                  f"or remove {lock} if that process is not ours") from None
             lock.unlink(missing_ok=True)  # its owner died: the lock is stale
             continue
@@ -258,7 +259,7 @@ def staged_directory(out_dir: Path, inputs: Iterable[Path] = ()) -> Iterator[Pat
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise EnvironmentFailure(f"cannot write {out_dir}: {exc.strerror or exc}") from exc
-    with _locked(out_dir):
+    with locked(out_dir):
         recover(out_dir)
         check_target(out_dir, inputs)
         try:

@@ -372,6 +372,26 @@ def test_a_folder_that_is_not_a_result_is_never_written_into(model, scenes, tmp_
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
+def test_a_second_run_on_a_result_another_live_run_holds_is_exit_2(model, scenes, subset, tmp_path):
+    listing = tmp_path / "paths.txt"
+    listing.write_text("".join(f"{scenes / name}\n" for name in subset[:4]))
+    holder = subprocess.Popen(["sleep", "60"])  # a live process that is not this run
+    start = Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    lock = tmp_path / ".result.lock"
+    try:
+        lock.write_text(json.dumps({"pid": holder.pid, "start": start}))
+        refused = bulk(model, listing, "-o", tmp_path / "result")
+        assert refused.returncode == 2 and f"another run (pid {holder.pid}) is writing" in refused.stderr
+        assert lock.is_file() and not (tmp_path / "result").exists()  # neither the lock nor RESULT touched
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its owner gone, the lock is stale: the next run takes it, finishes, and leaves no lock behind.
+    done = bulk(model, listing, "-o", tmp_path / "result")
+    assert done.returncode == 0, done.stderr
+    assert len(read_rows(tmp_path / "result")) == 4 and not lock.exists()
+
+
 def test_more_workers_times_threads_than_cores_is_exit_2(model, scenes, tmp_path):
     cores = usable_cpus()
     refused = bulk(model, scenes, "-o", tmp_path / "result", "--workers", cores + 1, "--threads", 2)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from converter_core.errors import InputError
+from converter_core.errors import EnvironmentFailure, InputError
+from converter_core.output import locked
 from plugins.blip.bulk.inputs import Item, list_inputs
 from plugins.blip.bulk.result import ResultDir, model_identity
 from plugins.blip.bulk.worker import TASKS, Task, WorkOptions
@@ -112,42 +113,48 @@ def run_bulk(job: BulkJob, progress=None) -> BulkOutcome:
     fingerprint = {"model": identity, "options": options,
                    "inputs": {"kind": listing.kind, "column": listing.column, "id_column": job.id_column,
                               "count": len(listing.items), "sha256": listing.digest}}
-    result = ResultDir.open(job.result, fingerprint, job.overwrite)
-    items = listing.items
-    shards = [(k, items[start:start + job.shard_size]) for k, start in enumerate(range(0, len(items), job.shard_size))]
-    pending = [(k, part) for k, part in shards if not result.finished(k, len(part))]
-    work = WorkOptions(out_dir=str(job.out_dir.absolute()), task=job.task, beams=job.beams, max_tokens=job.max_tokens,
-                       batch=job.batch, threads=threads, tokenizer=str(job.tokenizer.absolute()) if job.tokenizer else None,
-                       column=listing.column if listing.kind == "parquet-bytes" else None)
-    todo = sum(len(part) for _, part in pending)
-    if progress is not None:
-        progress.start(total=len(items), done=len(items) - todo)
-    written: list[int] = []
-    started = time.perf_counter()
-    on_images = progress.advance if progress is not None else (lambda count: None)
-    died = None
+    # Two runs on one RESULT would each caption every pending shard: the second is told at once instead.
     try:
-        died = _execute(job, _absolute(pending), work, result, on_images, written.append)
-    finally:
+        job.result.absolute().parent.mkdir(parents=True, exist_ok=True)  # the lock lies beside RESULT
+    except OSError as exc:
+        raise EnvironmentFailure(f"cannot write {job.result}: {exc.strerror or exc}") from exc
+    with locked(job.result.absolute()):
+        result = ResultDir.open(job.result, fingerprint, job.overwrite)
+        items = listing.items
+        shards = [(k, items[start:start + job.shard_size]) for k, start in enumerate(range(0, len(items), job.shard_size))]
+        pending = [(k, part) for k, part in shards if not result.finished(k, len(part))]
+        work = WorkOptions(out_dir=str(job.out_dir.absolute()), task=job.task, beams=job.beams, max_tokens=job.max_tokens,
+                           batch=job.batch, threads=threads, tokenizer=str(job.tokenizer.absolute()) if job.tokenizer else None,
+                           column=listing.column if listing.kind == "parquet-bytes" else None)
+        todo = sum(len(part) for _, part in pending)
         if progress is not None:
-            progress.stop()
-    seconds = time.perf_counter() - started
-    done, failed = result.counts()
-    missing = [k for k, part in shards if not result.finished(k, len(part))]
-    summary = {
-        "result": str(job.result), "complete": not missing, "inputs": len(items), "done": done, "failed": failed,
-        "shards": {"total": len(shards), "written_now": len(written), "earlier": len(shards) - len(pending),
-                   "missing": len(missing)},
-        "seconds": round(seconds, 3), "images_per_second": round(todo / seconds, 3) if todo and not missing else None,
-        "model": {"out": str(job.out_dir), "identity": identity},
-        "options": {**options, "batch": job.batch, "workers": job.workers, "threads": threads,
-                    "mode": "ray" if job.ray else "local", "ray": job.ray},
-        "inputs_listing": fingerprint["inputs"],
-    }
-    if died:
-        summary["died"] = died
-    result.write_summary(summary)
-    return BulkOutcome(summary, 1 if missing else 0)
+            progress.start(total=len(items), done=len(items) - todo)
+        written: list[int] = []
+        started = time.perf_counter()
+        on_images = progress.advance if progress is not None else (lambda count: None)
+        died = None
+        try:
+            died = _execute(job, _absolute(pending), work, result, on_images, written.append)
+        finally:
+            if progress is not None:
+                progress.stop()
+        seconds = time.perf_counter() - started
+        done, failed = result.counts()
+        missing = [k for k, part in shards if not result.finished(k, len(part))]
+        summary = {
+            "result": str(job.result), "complete": not missing, "inputs": len(items), "done": done, "failed": failed,
+            "shards": {"total": len(shards), "written_now": len(written), "earlier": len(shards) - len(pending),
+                       "missing": len(missing)},
+            "seconds": round(seconds, 3), "images_per_second": round(todo / seconds, 3) if todo and not missing else None,
+            "model": {"out": str(job.out_dir), "identity": identity},
+            "options": {**options, "batch": job.batch, "workers": job.workers, "threads": threads,
+                        "mode": "ray" if job.ray else "local", "ray": job.ray},
+            "inputs_listing": fingerprint["inputs"],
+        }
+        if died:
+            summary["died"] = died
+        result.write_summary(summary)
+        return BulkOutcome(summary, 1 if missing else 0)
 
 
 def _absolute(shards: list[tuple[int, list[Item]]]) -> list[tuple[int, list[Item]]]:
