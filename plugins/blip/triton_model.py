@@ -14,6 +14,9 @@ import os
 import sys
 
 
+# The same few lines stand in the other model.py Triton runs (plugins/backends/triton_onnx_model.py,
+# plugins/blip/triton_model.py): each file is copied alone into the repository and runs before
+# this package is importable, so it cannot share them by import.
 def _add_python_path() -> None:
     # Before anything imports numpy: Triton's stub imports its utilities (which need it) right after this file.
     listed = os.path.join(os.path.dirname(os.path.abspath(__file__)), "python_path.json")
